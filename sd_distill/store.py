@@ -1,0 +1,258 @@
+"""Content-addressed stage store (DESIGN.md, "Stage store").
+
+Every stage writes into ``<root>/<stage>/<key>/`` where ``key`` hashes the stage
+name, its parameters, the keys of its upstream manifests and a code version.
+A stage is built in a temporary folder and renamed into place only when it is
+complete, so a crash never leaves a half-written folder that looks finished;
+two identical builds racing each other end with one winner and an intact folder.
+
+``root`` is a local path (the normal case) or any fsspec URL (``s3://bucket/x``,
+``memory://``...). Remote stores build locally and upload, then move into place.
+
+Usage::
+
+    store = StageStore("runs/store")
+    with store.build("curate/score", params, upstream=[downloaded]) as b:
+        ...write files under b.path...
+        b.counts["kept"] = 12
+    manifest = b.manifest            # also store.find("curate/score", b.key)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import fsspec
+
+from sd_distill import __version__
+
+MANIFEST = "manifest.json"
+
+
+def _jsonable(obj: Any) -> Any:
+    """Parameters as plain JSON (pydantic models, paths, tuples) for hashing and manifests."""
+    if hasattr(obj, "model_dump"):
+        return _jsonable(obj.model_dump(mode="json"))
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    raise TypeError(f"stage parameter of type {type(obj).__name__} cannot be hashed: {obj!r}")
+
+
+def stage_key(stage: str, params: Any, upstream: Sequence["Manifest"] = (), code_version: str = "1") -> str:
+    """Hash of everything that determines a stage's output (hex, 16 chars)."""
+    payload = {
+        "stage": stage,
+        "params": _jsonable(params),
+        "upstream": [f"{m.stage}/{m.key}" for m in upstream],
+        "code_version": code_version,
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """What a finished stage folder holds; handed between stages instead of data."""
+
+    stage: str
+    key: str
+    uri: str  # where the folder is: a local path or an fsspec URL
+    params: dict[str, Any] = field(default_factory=dict)
+    upstream: list[dict[str, str]] = field(default_factory=list)
+    code_version: str = "1"
+    package_version: str = __version__
+    created: str = ""
+    counts: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    files: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        """The folder as a local path (local stores only)."""
+        if "://" in self.uri and not self.uri.startswith("file://"):
+            raise ValueError(f"stage {self.stage}/{self.key} lives at {self.uri}; use StageStore.local_copy()")
+        return Path(self.uri.removeprefix("file://"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Manifest":
+        missing = {"stage", "key", "uri"} - set(data)
+        if missing:
+            raise ValueError(f"manifest is missing fields {sorted(missing)}")
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class StageBuild:
+    """A stage being built: write files under ``path``; set ``counts`` / ``extra``."""
+
+    stage: str
+    key: str
+    path: Path
+    counts: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    manifest: Manifest | None = None
+    reused: bool = False
+
+
+class StageStore:
+    def __init__(self, root: str | os.PathLike):
+        root = str(root)
+        self.fs, self.root = fsspec.core.url_to_fs(root)
+        self.is_local = self.fs.protocol in ("file", ("file", "local"), "local") or "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
+        if self.is_local:
+            self.root = os.path.abspath(self.root)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.url = root if not self.is_local else self.root
+
+    # -- lookup ---------------------------------------------------------------
+    def folder(self, stage: str, key: str) -> str:
+        return f"{self.root}/{stage}/{key}"
+
+    def uri(self, stage: str, key: str) -> str:
+        folder = self.folder(stage, key)
+        if self.is_local:
+            return folder
+        proto = self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol
+        return f"{proto}://{folder}"
+
+    def find(self, stage: str, key: str) -> Manifest | None:
+        """The manifest of a finished stage, or None when it has not been built."""
+        path = f"{self.folder(stage, key)}/{MANIFEST}"
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "r") as f:
+            return Manifest.from_dict(json.load(f))
+
+    def manifests(self, stage: str) -> list[Manifest]:
+        """Every finished build of a stage, oldest first."""
+        base = f"{self.root}/{stage}"
+        if not self.fs.exists(base):
+            return []
+        found = []
+        for entry in self.fs.ls(base, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith(".") or ".tmp-" in name:
+                continue
+            m = self.find(stage, name)
+            if m is not None:
+                found.append(m)
+        return sorted(found, key=lambda m: m.created)
+
+    @contextmanager
+    def local_copy(self, manifest: Manifest) -> Iterator[Path]:
+        """A local folder with the stage's files (the folder itself for local stores)."""
+        if self.is_local:
+            yield manifest.path
+            return
+        with tempfile.TemporaryDirectory(prefix="stage-") as tmp:
+            self.fs.get(self.folder(manifest.stage, manifest.key) + "/", tmp + "/", recursive=True)
+            yield Path(tmp)
+
+    def verify(self, manifest: Manifest) -> list[str]:
+        """Files whose size or sha256 no longer match the manifest (empty when intact)."""
+        bad = []
+        with self.local_copy(manifest) as folder:
+            for entry in manifest.files:
+                p = folder / entry["path"]
+                if not p.exists():
+                    bad.append(f"{entry['path']}: missing")
+                elif p.stat().st_size != entry["size"] or sha256_file(p) != entry["sha256"]:
+                    bad.append(f"{entry['path']}: changed")
+        return bad
+
+    # -- build ----------------------------------------------------------------
+    @contextmanager
+    def build(
+        self,
+        stage: str,
+        params: Any,
+        upstream: Sequence[Manifest] = (),
+        code_version: str = "1",
+    ) -> Iterator[StageBuild]:
+        """Build a stage atomically, or reuse it when the same key is already stored.
+
+        When the stage exists, the yielded build has ``reused=True`` and ``manifest``
+        set; callers check ``b.reused`` and skip their work.
+        """
+        key = stage_key(stage, params, upstream, code_version)
+        existing = self.find(stage, key)
+        if existing is not None:
+            yield StageBuild(stage, key, existing.path if self.is_local else Path(), manifest=existing, reused=True)
+            return
+        base = self.root if self.is_local else None
+        if base:
+            os.makedirs(f"{base}/{stage}", exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=f"{base}/{stage}"))
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=f"stage-{key}-"))
+        b = StageBuild(stage, key, tmp)
+        try:
+            yield b
+            b.manifest = self._commit(b, params, upstream, code_version)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _commit(self, b: StageBuild, params: Any, upstream: Sequence[Manifest], code_version: str) -> Manifest:
+        files = []
+        for p in sorted(b.path.rglob("*")):
+            if p.is_file() and p.name != MANIFEST:
+                files.append({"path": p.relative_to(b.path).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)})
+        manifest = Manifest(
+            stage=b.stage,
+            key=b.key,
+            uri=self.uri(b.stage, b.key),
+            params=_jsonable(params),
+            upstream=[{"stage": m.stage, "key": m.key} for m in upstream],
+            code_version=code_version,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+            counts=_jsonable(b.counts),
+            extra=_jsonable(b.extra),
+            files=files,
+        )
+        (b.path / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
+        final = self.folder(b.stage, b.key)
+        if self.is_local:
+            try:
+                os.rename(b.path, final)  # atomic on one filesystem; fails if another build won
+            except OSError:
+                if self.find(b.stage, b.key) is None:
+                    raise
+            return self.find(b.stage, b.key)  # the winner's manifest
+        staging = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        self.fs.put(str(b.path) + "/", staging + "/", recursive=True)
+        if self.fs.exists(f"{final}/{MANIFEST}"):
+            self.fs.rm(staging, recursive=True)
+        else:
+            self.fs.mv(staging, final, recursive=True)
+        return self.find(b.stage, b.key)
