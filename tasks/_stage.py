@@ -1,0 +1,145 @@
+"""The one mechanism every stage task shares: stage store + Prefect cache + progress artifact.
+
+A stage task is a thin wrapper around one library call ``fn(out_dir, progress) -> counts``.
+``stage_task`` turns it into a Prefect task whose cache key *is* the stage-store key, so:
+
+- a rerun with the same inputs shows a ``Cached`` state and costs nothing;
+- a retried flow run resumes at the first stage whose folder is not in the store;
+- if the store folder was deleted, the cache key is withheld and the stage is rebuilt
+  (Prefect never hands back a manifest whose files are gone).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import CacheKeyFnPolicy
+
+from sd_distill.store import Manifest, StageStore, stage_key
+
+StageFn = Callable[..., dict]
+
+# Transient failures worth retrying (network, filesystem); logic errors fail at once.
+TRANSIENT = (OSError, TimeoutError, ConnectionError)
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except TRANSIENT:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+class ProgressArtifact:
+    """A ProgressFn that updates one Prefect progress artifact (throttled to one call a second)."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.id = None
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int, message: str = "") -> None:
+        now = time.monotonic()
+        final = total and done >= total
+        if not final and now - self._last < 1.0:
+            return
+        self._last = now
+        pct = 100.0 * done / total if total else 0.0
+        try:
+            if self.id is None:
+                self.id = create_progress_artifact(progress=pct, description=self.description)
+            else:
+                update_progress_artifact(self.id, progress=pct, description=f"{self.description}: {message}"[:500])
+        except Exception as exc:  # progress must never fail the stage
+            get_run_logger().debug("progress artifact update failed: %s", exc)
+
+
+def _key_for(ctx, stage: str, code_version: str, parameters: dict[str, Any]) -> str:
+    """Prefect's cache key for a stage task: the stage-store key (plus the store's location).
+
+    When Prefect holds a cached result but the stage folder is gone (someone deleted it),
+    the key is varied so the task runs and rebuilds the folder at its content-addressed path.
+    """
+    name = stage_name(stage, parameters)
+    store = StageStore(parameters["store_root"])
+    key = stage_key(name, parameters["params"], parameters.get("upstream") or (), code_version)
+    cache_key = f"{name}/{key}@{store.url}".replace("/", "_").replace(":", "_")
+    if store.find(name, key) is None:
+        try:
+            if ctx.result_store.exists(cache_key):
+                return f"{cache_key}-rebuild-{time.time_ns()}"
+        except Exception:
+            pass
+    return cache_key
+
+
+def stage_name(stage: str, parameters: dict[str, Any]) -> str:
+    """Stage names may carry a suffix chosen at call time (``distill/phase-2``)."""
+    suffix = parameters.get("suffix")
+    return f"{stage}-{suffix}" if suffix else stage
+
+
+def build_stage(
+    stage: str,
+    params: Any,
+    upstream: Sequence[Manifest],
+    store_root: str,
+    fn: StageFn,
+    code_version: str,
+    description: str,
+) -> Manifest:
+    """Run ``fn(out_dir, inputs, progress)`` into the store unless the stage is already there."""
+    logger = get_run_logger()
+    store = StageStore(store_root)
+    with store.build(stage, params, upstream, code_version) as b:
+        if b.reused:
+            logger.info("%s: reusing %s", stage, b.manifest.uri)
+            return b.manifest
+        logger.info("%s: building %s", stage, b.key)
+        with ExitStack() as stack:
+            inputs = [stack.enter_context(store.local_copy(m)) for m in upstream]
+            counts = fn(b.path, inputs, ProgressArtifact(description)) or {}
+        b.counts.update(counts)
+    logger.info("%s: stored %s (%s)", stage, b.manifest.uri, ", ".join(f"{k}={v}" for k, v in b.counts.items() if not isinstance(v, (dict, list))))
+    return b.manifest
+
+
+def stage_task(stage: str, *, code_version: str = "1", retries: int = 2, description: str | None = None, **task_kwargs):
+    """Decorator: ``def body(params, upstream, store_root, suffix=None) -> (fn)`` becomes a cached stage task.
+
+    The body returns the library call as ``fn(out_dir, inputs, progress) -> counts``; this wrapper does the rest.
+    """
+
+    def decorate(body: Callable[..., StageFn]):
+        policy = CacheKeyFnPolicy(cache_key_fn=lambda ctx, parameters: _key_for(ctx, stage, code_version, parameters))
+
+        @task(
+            name=stage.replace("/", "-"),
+            cache_policy=policy,
+            persist_result=True,
+            retries=retries,
+            retry_delay_seconds=2,
+            retry_condition_fn=_retry_transient,
+            **task_kwargs,
+        )
+        def run(params: Any, upstream: list[Manifest], store_root: str, suffix: str | None = None) -> Manifest:
+            fn = body(params, upstream, store_root, suffix) if suffix is not None else body(params, upstream, store_root)
+            name = stage_name(stage, {"suffix": suffix})
+            return build_stage(name, params, upstream, store_root, fn, code_version, description or name)
+
+        run.__doc__ = body.__doc__
+        return run
+
+    return decorate
+
+
+def local_path(manifest: Manifest) -> Path:
+    return manifest.path
