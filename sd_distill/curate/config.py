@@ -1,0 +1,155 @@
+"""Parameters of the curate stage (pydantic v2, JSON-friendly: they are Prefect flow parameters).
+
+One model per step plus ``CurateParams`` holding them all. Every default carries a comment saying
+why it is what it is. Invalid values fail at construction with the field name and the valid choices.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SOURCE_KINDS = ("laion_parquet", "coco_json", "diffusiondb", "hpdv2", "url_list", "toy")
+URL_LIST_FORMATS = ("csv", "tsv", "parquet", "jsonl")
+
+
+class _Params(BaseModel):
+    # Unknown keys are errors: a typo in a YAML run file must not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSpec(_Params):
+    """One input dataset in its published file format."""
+
+    kind: Literal["laion_parquet", "coco_json", "diffusiondb", "hpdv2", "url_list", "toy"]
+    # File or folder (local path or fsspec URL); unused for kind="toy", which generates its own files.
+    path: str = ""
+    # Label written to the `source` column; defaults to `kind` (set it when two sources share a kind).
+    name: str = ""
+    # Read at most this many rows (after parsing, before de-duplication); None = all rows.
+    max_rows: Optional[int] = Field(default=None, ge=1)
+    # url_list: the columns holding the image URL and the caption (img2dataset's defaults).
+    url_col: str = "url"
+    caption_col: str = "caption"
+    # url_list: file format; None = from the file extension.
+    format: Optional[Literal["csv", "tsv", "parquet", "jsonl"]] = None
+    # coco_json: every caption of an image becomes a sample ("all") or only its first ("first");
+    # "first" keeps images unique, which is what a text-to-image training set wants by default.
+    coco_captions: Literal["all", "first"] = "first"
+    # coco_json / diffusiondb / hpdv2: where the image files are. A local folder means local files;
+    # an http(s):// or served:// base means URLs `<images_root>/<file>`; None = the format's default
+    # (COCO: each image's coco_url; DiffusionDB: the folder of metadata.parquet holding part zips;
+    # HPDv2: `<json folder>/<train|test>` as the HPSv2 repository lays it out).
+    images_root: Optional[str] = None
+    # hpdv2: keep only each prompt's human-preferred image ("preferred") or every ranked image ("all").
+    hpdv2_images: Literal["preferred", "all"] = "preferred"
+    # toy: number of generated scenes, RNG seed and planted fraction of bad pairs (issue 6).
+    toy_n: int = Field(default=200, ge=1)
+    toy_seed: int = 0
+    toy_bad_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SourceSpec":
+        if not self.name:
+            self.name = self.kind
+        if self.kind != "toy" and not self.path:
+            raise ValueError(f"SourceSpec(kind={self.kind!r}) needs `path` (a file or folder)")
+        return self
+
+
+class DownloadParams(_Params):
+    """img2dataset settings (same names as img2dataset.download where they map 1:1)."""
+
+    # Output side in pixels; 32 is the toy world's scene size (SD 1.x training uses 512).
+    image_size: int = Field(default=32, ge=8)
+    # img2dataset resize modes; "center_crop" gives square training images without borders.
+    resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = "center_crop"
+    # Lossless by default so toy images keep exact colors; "jpg"/"webp" for real data at scale.
+    encode_format: Literal["jpg", "png", "webp"] = "png"
+    # Seconds per request; loopback servers answer in milliseconds, the open web needs ~10.
+    timeout: float = Field(default=10.0, gt=0)
+    # Extra attempts per URL after the first failure (img2dataset `retries`).
+    retries: int = Field(default=1, ge=0)
+    # img2dataset worker processes (spawned) and download threads per process.
+    processes: int = Field(default=1, ge=1)
+    threads: int = Field(default=16, ge=1)
+    # Samples per img2dataset shard: the unit of incremental resume after an interruption.
+    shard_size: int = Field(default=1000, ge=1)
+    # Decompression-bomb guard: images with more source pixels are rejected before decoding
+    # (OpenCV's OPENCV_IO_MAX_IMAGE_PIXELS) and by img2dataset's max_image_area. 8192^2 ~ 67 MP.
+    max_image_pixels: int = Field(default=8192 * 8192, ge=1)
+    # Smaller source images are rejected (img2dataset min_image_size); 0 keeps everything.
+    min_image_size: int = Field(default=0, ge=0)
+    # A persistent folder for img2dataset's raw shards so a retried stage resumes where it stopped
+    # (the stage's own folder is temporary until it completes); None = inside the stage folder.
+    resume_dir: Optional[str] = None
+
+
+class FilterParams(_Params):
+    """HPSv2 scoring and the keep/reject rule."""
+
+    # Scorer reference: toy:<name>, an open_clip folder, an HPS checkpoint file or the hub id.
+    hps_model: str = "toy:hps"
+    # HPSv2.1 is the current checkpoint (HPSv2 repository); v2.0 for comparison with older tables.
+    hps_version: Literal["v2.0", "v2.1"] = "v2.1"
+    # Images per scorer forward pass; 32 fits ViT-H-14 on one 24 GB GPU.
+    batch_size: int = Field(default=32, ge=1)
+    # Keep samples with score >= threshold; None = no threshold.
+    threshold: Optional[float] = None
+    # Keep the best fraction by score (ties broken by key); None = no rank filter. Half of the toy
+    # world is far more than its planted 25% bad pairs, so the default keeps clean pairs mostly.
+    top_fraction: Optional[float] = Field(default=0.7, gt=0.0, le=1.0)
+    # Apply threshold / top fraction within each source (True) or over all sources pooled (False);
+    # per source keeps every dataset represented even when their score scales differ.
+    per_source: bool = True
+    # Torch device for the scorer.
+    device: str = "cpu"
+
+
+class CaptionParams(_Params):
+    """Recaptioning with a BLIP-family model and the choice between original and generated caption."""
+
+    # Set False to keep the (cleaned) original captions and skip the captioner entirely.
+    enabled: bool = True
+    # Captioner reference: toy:<name>, a transformers model folder or a hub id (BLIP, BLIP-2, InstructBLIP...).
+    captioner: str = "toy:blip"
+    # Conditional-captioning prompt (e.g. "Describe this image in detail:"); None = unconditional.
+    prompt: Optional[str] = None
+    # Generation length; 30 tokens covers a one-sentence caption.
+    max_new_tokens: int = Field(default=30, ge=1)
+    # Images per generate() call.
+    batch_size: int = Field(default=16, ge=1)
+    # Choose between original and generated caption by the scorer's image-text similarity; False
+    # always takes the generated caption when it is usable.
+    choose_by_similarity: bool = True
+    # The generated caption must beat the original by this similarity margin to replace it.
+    margin: float = 0.0
+    # Torch device for the captioner.
+    device: str = "cpu"
+
+
+class CurateParams(_Params):
+    """Everything the curate stage needs; the Prefect flow takes this as one typed parameter."""
+
+    # The embedded default: one toy source (generated scenes served over loopback HTTP).
+    sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(kind="toy")])
+    download: DownloadParams = Field(default_factory=DownloadParams)
+    filter: FilterParams = Field(default_factory=FilterParams)
+    caption: CaptionParams = Field(default_factory=CaptionParams)
+    # Rows per output Parquet shard; 5000 images of 512 px JPEG are ~250 MB, a comfortable shard.
+    shard_rows: int = Field(default=5000, ge=1)
+    # Captions longer than this many characters are rejected at collection (noise, spam, prompts
+    # pasted many times); SD's CLIP tokenizer sees only 77 tokens anyway.
+    max_caption_chars: int = Field(default=1000, ge=1)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceSpec]) -> list[SourceSpec]:
+        if not sources:
+            raise ValueError("CurateParams.sources is empty; give at least one SourceSpec")
+        names = [s.name for s in sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique, repeated: {dupes}; set SourceSpec.name")
+        return sources

@@ -1,0 +1,103 @@
+"""The written schemas of the curate stage's files, and the one writer/reader pair for rejects.
+
+Every step's table is a Parquet file in its stage folder:
+
+- ``samples.parquet`` (collect): ``SAMPLE_COLUMNS``;
+- ``downloaded.parquet`` (download): ``SAMPLE_COLUMNS`` + image, width, height, sha256;
+- ``scored.parquet`` (filter): + hps_score, hps_version;
+- ``captioned.parquet`` (recaption): + caption, caption_source, caption_reason;
+- ``rejects.parquet`` (every step): ``REJECT_COLUMNS``, one row per input row the step dropped.
+
+The final shards' schema, ``CURATED_COLUMNS``, lives in ``shards.py`` with its checked reader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SAMPLE_COLUMNS = ["key", "source", "url", "local_path", "caption_original", "extra"]
+IMAGE_COLUMNS = ["image", "width", "height", "sha256"]
+SCORE_COLUMNS = ["hps_score", "hps_version"]
+CAPTION_COLUMNS = ["caption", "caption_source", "caption_reason"]
+
+REJECTS_FILE = "rejects.parquet"
+REJECT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("url", pa.string()),
+        ("caption_original", pa.string()),
+        ("stage", pa.string()),  # collect | download | filter | recaption
+        ("reason", pa.string()),  # a short code, or img2dataset's error text for download failures
+        ("detail", pa.string()),  # what the reason refers to (the kept duplicate's key, the threshold...)
+        ("hps_score", pa.float32()),  # the score for filter rejects, null otherwise
+    ]
+)
+REJECT_COLUMNS = REJECT_SCHEMA.names
+
+
+def rejects_frame(rows: pd.DataFrame, stage: str, reason, detail=None, hps_score=None) -> pd.DataFrame:
+    """Reject records for ``rows`` (which carry key, source, url, caption_original)."""
+    n = len(rows)
+
+    def col(v, default):
+        if v is None:
+            return [default] * n
+        if isinstance(v, (str, float, int)):
+            return [v] * n
+        return list(v)
+
+    return pd.DataFrame(
+        {
+            "key": list(rows["key"]),
+            "source": list(rows["source"]),
+            "url": list(rows["url"]) if "url" in rows else [None] * n,
+            "caption_original": list(rows["caption_original"]),
+            "stage": [stage] * n,
+            "reason": col(reason, None),
+            "detail": col(detail, None),
+            "hps_score": np.asarray(col(hps_score, np.nan), dtype=np.float32),
+        },
+        columns=REJECT_COLUMNS,
+    )
+
+
+def empty_rejects() -> pd.DataFrame:
+    return REJECT_SCHEMA.empty_table().to_pandas()
+
+
+def write_rejects(rejects: list[pd.DataFrame] | pd.DataFrame, path: Path) -> int:
+    """Write reject records with the fixed schema; returns the row count."""
+    frames = [rejects] if isinstance(rejects, pd.DataFrame) else list(rejects)
+    df = pd.concat([f for f in frames if len(f)] or [empty_rejects()], ignore_index=True)
+    table = pa.Table.from_pandas(df[REJECT_COLUMNS], schema=REJECT_SCHEMA, preserve_index=False)
+    pq.write_table(table, path)
+    return len(df)
+
+
+def read_rejects(folder: Path) -> pd.DataFrame:
+    path = Path(folder) / REJECTS_FILE
+    if not path.exists():
+        return empty_rejects()
+    return pq.read_table(path).to_pandas()
+
+
+def write_table(df: pd.DataFrame, path: Path) -> None:
+    pq.write_table(pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False), path)
+
+
+def read_table(folder: Path, name: str, required: list[str]) -> pd.DataFrame:
+    """A step's table, with the columns the next step needs checked (names the file and what is missing)."""
+    path = Path(folder) / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; is {Path(folder)} the output folder of the previous step?")
+    df = pq.read_table(path).to_pandas()
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing} (found {list(df.columns)})")
+    return df
