@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[test]"
+	# img2dataset pulls the Python 3.6 `dataclasses` backport, which breaks Prefect's server: remove it.
+	$(BIN)/pip uninstall -y -q dataclasses || true
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -19,6 +21,18 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not browser"
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+demo-stop:
+	bash scripts/demo_stop.sh
+
+toy-models: $(STAMP)
+	$(BIN)/python scripts/train_toy_models.py
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf runs .demo

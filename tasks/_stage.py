@@ -62,7 +62,7 @@ class ProgressArtifact:
             get_run_logger().debug("progress artifact update failed: %s", exc)
 
 
-def _key_for(ctx, stage: str, code_version: str, parameters: dict[str, Any]) -> str:
+def _key_for(ctx, stage: str, code_version: str, key_of: Callable[[Any], Any], parameters: dict[str, Any]) -> str:
     """Prefect's cache key for a stage task: the stage-store key (plus the store's location).
 
     When Prefect holds a cached result but the stage folder is gone (someone deleted it),
@@ -70,7 +70,7 @@ def _key_for(ctx, stage: str, code_version: str, parameters: dict[str, Any]) -> 
     """
     name = stage_name(stage, parameters)
     store = StageStore(parameters["store_root"])
-    key = stage_key(name, parameters["params"], parameters.get("upstream") or (), code_version)
+    key = stage_key(name, key_of(parameters["params"]), parameters.get("upstream") or (), code_version)
     cache_key = f"{name}/{key}@{store.url}".replace("/", "_").replace(":", "_")
     if store.find(name, key) is None:
         try:
@@ -112,14 +112,24 @@ def build_stage(
     return b.manifest
 
 
-def stage_task(stage: str, *, code_version: str = "1", retries: int = 2, description: str | None = None, **task_kwargs):
-    """Decorator: ``def body(params, upstream, store_root, suffix=None) -> (fn)`` becomes a cached stage task.
+def stage_task(
+    stage: str,
+    *,
+    code_version: str = "1",
+    retries: int = 2,
+    description: str | None = None,
+    key_of: Callable[[Any], Any] = lambda params: params,
+    **task_kwargs,
+):
+    """Decorator: ``def body(params, upstream, store_root[, suffix]) -> fn`` becomes a cached stage task.
 
     The body returns the library call as ``fn(out_dir, inputs, progress) -> counts``; this wrapper does the rest.
+    ``key_of(params)`` picks the part of the parameters the stage depends on (so changing the filter
+    threshold does not redo the download).
     """
 
     def decorate(body: Callable[..., StageFn]):
-        policy = CacheKeyFnPolicy(cache_key_fn=lambda ctx, parameters: _key_for(ctx, stage, code_version, parameters))
+        policy = CacheKeyFnPolicy(cache_key_fn=lambda ctx, parameters: _key_for(ctx, stage, code_version, key_of, parameters))
 
         @task(
             name=stage.replace("/", "-"),
@@ -133,7 +143,7 @@ def stage_task(stage: str, *, code_version: str = "1", retries: int = 2, descrip
         def run(params: Any, upstream: list[Manifest], store_root: str, suffix: str | None = None) -> Manifest:
             fn = body(params, upstream, store_root, suffix) if suffix is not None else body(params, upstream, store_root)
             name = stage_name(stage, {"suffix": suffix})
-            return build_stage(name, params, upstream, store_root, fn, code_version, description or name)
+            return build_stage(name, key_of(params), upstream, store_root, fn, code_version, description or name)
 
         run.__doc__ = body.__doc__
         return run
