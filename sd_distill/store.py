@@ -109,6 +109,16 @@ class Manifest:
         return cls(**known)
 
 
+def load_manifest(folder: str | os.PathLike) -> Manifest:
+    """The manifest of a finished stage folder (local path or fsspec URL), checked on load."""
+    fs, path = fsspec.core.url_to_fs(str(folder))
+    target = f"{str(path).rstrip('/')}/{MANIFEST}"
+    if not fs.exists(target):
+        raise FileNotFoundError(f"{folder} is not a finished stage folder: it has no {MANIFEST}")
+    with fs.open(target, "r") as f:
+        return Manifest.from_dict(json.load(f))
+
+
 @dataclass
 class StageBuild:
     """A stage being built: write files under ``path``; set ``counts`` / ``extra``."""

@@ -11,6 +11,7 @@ A stage task is a thin wrapper around one library call ``fn(out_dir, progress) -
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -87,6 +88,23 @@ def stage_name(stage: str, parameters: dict[str, Any]) -> str:
     return f"{stage}-{suffix}" if suffix else stage
 
 
+def _injected_fault(stage: str) -> None:
+    """Fault drills: with ``$CAD_FAULT_DIR`` set, a file named after the stage fails it once.
+
+    ``touch $CAD_FAULT_DIR/distill-phase-0`` makes the next build of that stage raise (and removes
+    the file), so a retry of the flow run shows the resume behaviour. Off unless the variable is set.
+    """
+    fault_dir = os.environ.get("CAD_FAULT_DIR")
+    if not fault_dir:
+        return
+    marker = Path(fault_dir) / stage.replace("/", "-")
+    try:
+        marker.unlink()
+    except FileNotFoundError:
+        return
+    raise RuntimeError(f"injected fault in stage {stage} ({marker} was present)")
+
+
 def build_stage(
     stage: str,
     params: Any,
@@ -104,6 +122,7 @@ def build_stage(
             logger.info("%s: reusing %s", stage, b.manifest.uri)
             return b.manifest
         logger.info("%s: building %s", stage, b.key)
+        _injected_fault(stage)
         with ExitStack() as stack:
             inputs = [stack.enter_context(store.local_copy(m)) for m in upstream]
             counts = fn(b.path, inputs, ProgressArtifact(description)) or {}
