@@ -1,0 +1,140 @@
+"""The evaluation report: the reference table (markdown, CSV, JSON records), image grids and metric plots.
+
+Rows are model x steps; columns FID, IS, CLIP, HPSv2 per version, style and mean (leaderboard scale),
+latency, UNet evaluations and size. Only the metrics that were computed get a column.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from .config import EvaluateParams
+
+FIXED_COLUMNS = [("model", "model"), ("kind", "kind"), ("steps", "steps")]
+METRIC_COLUMNS = [("fid", "FID ↓"), ("is", "IS ↑"), ("is_std", "IS std"), ("clip", "CLIP ↑")]
+SPEED_COLUMNS = [("latency_s", "latency s/img"), ("images_per_s", "img/s (batched)"), ("unet_evals", "UNet evals"),
+                 ("unet_params_m", "UNet params M"), ("unet_gmacs_per_image", "UNet GMACs/img")]
+PLOTTED = ["fid", "is", "clip", "latency_s"]
+
+
+def hps_key(version: str, style: str) -> str:
+    """Record key of an HPSv2 column, e.g. ``hpsv2.1_anime`` / ``hpsv2.1_mean``."""
+    return f"hps{version}_{style}"
+
+
+def table_columns(params: EvaluateParams, records: list[dict]) -> list[tuple[str, str]]:
+    """(record key, header) of every column present in at least one record, in the reference order."""
+    hps = []
+    for v in params.hps_versions:
+        for style in list(params.hpsv2_styles) + ["mean"]:
+            hps.append((hps_key(v, style), f"HPS{v} {style} ↑" if style == "mean" else f"HPS{v} {style}"))
+    cols = FIXED_COLUMNS + METRIC_COLUMNS + hps + SPEED_COLUMNS
+    return [(k, h) for k, h in cols if any(k in r for r in records)]
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.1f}"
+    return str(value)
+
+
+def table_markdown(columns: list[tuple[str, str]], records: list[dict]) -> str:
+    """A GitHub markdown table of the records."""
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in records]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(params: EvaluateParams, records: list[dict], out_dir: Path) -> dict[str, Path]:
+    """table.md, table.csv (same columns) and records.json (every key of every record)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = table_columns(params, records)
+    paths = {"markdown": out_dir / "table.md", "csv": out_dir / "table.csv", "records": out_dir / "records.json"}
+    paths["markdown"].write_text(table_markdown(columns, records))
+    with paths["csv"].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([k for k, _ in columns])
+        for r in records:
+            w.writerow(["" if r.get(k) is None else r.get(k) for k, _ in columns])
+    paths["records"].write_text(json.dumps(records, indent=1))
+    return paths
+
+
+def grid_rows(records: list[dict]) -> list[dict]:
+    """Grid rows: teachers at each of their steps, then students (the reference compares teacher 8/16/20 vs student 8)."""
+    return sorted(records, key=lambda r: (r.get("kind") != "teacher", r["model"], r["steps"]))
+
+
+def image_grid(params: EvaluateParams, records: list[dict], set_name: str, out_path: Path, cell: int = 256) -> Path | None:
+    """A PNG grid: one row per model x steps, one column per prompt (same prompts and seeds in every row)."""
+    from PIL import Image, ImageDraw
+
+    rows = [r for r in grid_rows(records) if set_name in r.get("images", {})]
+    if not rows:
+        return None
+    first = Path(rows[0]["images"][set_name])
+    n = min(params.grid_prompts, len(list(first.glob("[0-9]*.png"))))
+    if n == 0:
+        return None
+    size = min(cell, params.resolution * 4 if params.resolution < 64 else cell)
+    label_w, pad = 150, 2
+    grid = Image.new("RGB", (label_w + n * (size + pad), len(rows) * (size + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for y, r in enumerate(rows):
+        top = y * (size + pad)
+        draw.text((4, top + size // 2 - 12), f"{r['model']}\n{r['steps']} steps", fill="black")
+        for x in range(n):
+            with Image.open(Path(r["images"][set_name]) / f"{x:05d}.png") as im:
+                tile = im.convert("RGB").resize((size, size), Image.NEAREST if im.width < size else Image.BICUBIC)
+            grid.paste(tile, (label_w + x * (size + pad), top))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out_path)
+    return out_path
+
+
+def metric_plot(params: EvaluateParams, records: list[dict], out_path: Path) -> Path | None:
+    """A PNG with one panel per metric (FID, IS, CLIP, HPSv2 means, latency) against steps, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in PLOTTED[:3] + [hps_key(v, "mean") for v in params.hps_versions] + PLOTTED[3:]
+            if any(r.get(k) is not None for r in records)]
+    if not keys:
+        return None
+    labels = dict(METRIC_COLUMNS + SPEED_COLUMNS + [(hps_key(v, "mean"), f"HPS{v} mean") for v in params.hps_versions])
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for model in dict.fromkeys(r["model"] for r in records):
+            pts = sorted((r["steps"], r[key]) for r in records if r["model"] == model and r.get(key) is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
+        ax.set_xlabel("steps")
+        ax.set_title(labels.get(key, key))
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def build_report(params: EvaluateParams, results: list[dict], out_dir: Path) -> dict:
+    """Write the table (md / csv / json), one grid per prompt set and the metrics plot; return the summary."""
+    out_dir = Path(out_dir)
+    files = {k: str(v) for k, v in write_table(params, results, out_dir).items()}
+    sets = list(dict.fromkeys(s for r in results for s in r.get("images", {})))
+    grids = [image_grid(params, results, s, out_dir / "grids" / f"{s}.png") for s in sets]
+    files["grids"] = [str(g) for g in grids if g is not None]
+    plot = metric_plot(params, results, out_dir / "metrics_vs_steps.png")
+    if plot is not None:
+        files["plot"] = str(plot)
+    columns = table_columns(params, results)
+    return {"rows": len(results), "columns": [k for k, _ in columns], "records": results, "files": files,
+            "markdown": (out_dir / "table.md").read_text()}

@@ -1,0 +1,135 @@
+"""The evaluate stage: generate every model x steps x prompt set, score, time, and write the report.
+
+``evaluate`` is the whole stage; the Prefect layer can call its steps one by one:
+``generate_images`` (per model, steps and prompt set; resumable), ``compute_metrics`` (per image
+folder) and ``build_report`` (once). Run under ``accelerate launch`` to shard generation over GPUs;
+metrics, timing and the report run on the main process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sd_distill.progress import ProgressFn, report
+
+from .config import EvaluateParams, ModelSpec
+from .generate import generate_images, generation_summary, load_images, load_pipeline
+from .metrics.fid import feature_statistics, frechet_distance
+from .metrics.features import extract_features
+from .metrics.inception_score import inception_score
+from .metrics.text_image import MetricModels, clip_scores, hps_leaderboard_scale
+from .prompts import PromptSet, load_prompt_sets
+from .report import build_report, hps_key
+from .speed import speed_record
+
+__all__ = ["evaluate", "generate_images", "compute_metrics", "build_report", "reference_statistics"]
+
+
+def reference_statistics(params: EvaluateParams, prompt_set: PromptSet, ref_dir: Path,
+                         models: MetricModels | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """FID (mu, Sigma) of the set's reference images, cached in ``ref_dir`` per extractor, image list and size."""
+    if not prompt_set.reference_images:
+        raise ValueError(f"prompt set {prompt_set.name!r} has no reference images for FID")
+    key = hashlib.sha256(json.dumps([params.feature_extractor, params.inception_weights, params.resolution,
+                                     [str(p) for p in prompt_set.reference_images]]).encode()).hexdigest()[:16]
+    path = Path(ref_dir) / f"fid_reference_{key}.npz"
+    if path.is_file():
+        data = np.load(path)
+        return data["mu"], data["sigma"]
+    from PIL import Image
+
+    models = models or MetricModels(params)
+    images = [Image.open(p).convert("RGB") for p in prompt_set.reference_images]
+    pool, _ = extract_features(models.extractor(), images, size=params.resolution)
+    mu, sigma = feature_statistics(pool)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, mu=mu, sigma=sigma)
+    return mu, sigma
+
+
+def compute_metrics(params: EvaluateParams, images_dir: Path, prompt_set: PromptSet, ref_dir: Path,
+                    models: MetricModels | None = None) -> dict:
+    """The metrics of one generated image folder, as table-record keys.
+
+    COCO sets: ``fid`` (against the reference images' statistics, cached in ``ref_dir``), ``is`` /
+    ``is_std`` and ``clip``; HPSv2 sets: ``hps<version>_<style>`` on the leaderboard scale (mean x 100).
+    ``models`` shares loaded metric models between calls.
+    """
+    models = models or MetricModels(params)
+    images = load_images(images_dir, len(prompt_set))
+    out: dict = {}
+    if prompt_set.kind == "coco":
+        if "fid" in params.metrics or "is" in params.metrics:
+            pool, logits = extract_features(models.extractor(), images)
+            if "fid" in params.metrics:
+                mu_r, sigma_r = reference_statistics(params, prompt_set, ref_dir, models)
+                mu_g, sigma_g = feature_statistics(pool)
+                out["fid"] = frechet_distance(mu_r, sigma_r, mu_g, sigma_g)
+            if "is" in params.metrics:
+                splits = min(params.is_splits, len(images))
+                out["is"], out["is_std"] = inception_score(logits, splits=splits)
+        if "clip" in params.metrics:
+            out["clip"] = float(np.mean(clip_scores(models.clip(), images, prompt_set.prompts)))
+    elif prompt_set.kind == "hpsv2" and "hpsv2" in params.metrics:
+        for version in params.hps_versions:
+            raw = models.hps(version).score(images, prompt_set.prompts)
+            out[hps_key(version, prompt_set.style)] = hps_leaderboard_scale(raw)
+    return out
+
+
+def _hps_means(params: EvaluateParams, row: dict) -> None:
+    """The mean over styles per version, as the leaderboard's "Average" column."""
+    for version in params.hps_versions:
+        vals = [row[hps_key(version, s)] for s in params.hpsv2_styles if hps_key(version, s) in row]
+        if vals:
+            row[hps_key(version, "mean")] = float(np.mean(vals))
+
+
+def evaluate(params: EvaluateParams, models: list[ModelSpec], out_dir: Path, progress: ProgressFn | None = None) -> dict:
+    """Evaluate every model at its step counts; write images, table, grids and plot under ``out_dir``.
+
+    Returns the summary: ``rows``, ``columns``, ``records`` (one dict per model x steps), ``files``.
+    """
+    from accelerate import PartialState
+
+    if not models:
+        raise ValueError("evaluate needs at least one ModelSpec")
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique (they name image folders and table rows): {names}")
+    out_dir = Path(out_dir)
+    state = PartialState()
+    sets = load_prompt_sets(params)
+    metric_models = MetricModels(params) if state.is_main_process else None
+    total = sum(len(params.model_steps(m)) for m in models)
+    records, done = [], 0
+    for model in models:
+        pipe = load_pipeline(model.ref, params.device, params.dtype)
+        for steps in params.model_steps(model):
+            row = {"model": model.name, "kind": model.kind, "steps": steps, "ref": model.ref, "images": {}}
+            for prompt_set in sets:
+                folder = generate_images(params, model, steps, prompt_set, out_dir / "images", pipe=pipe)
+                row["images"][prompt_set.name] = str(folder)
+                if state.is_main_process:
+                    row.update(compute_metrics(params, folder, prompt_set, out_dir / "reference", metric_models))
+            if state.is_main_process:
+                gen = generation_summary(Path(row["images"][sets[0].name]))
+                row["images_per_s"] = 1.0 / gen["seconds_per_image"] if gen["seconds_per_image"] > 0 else None
+                row["generated_unet_evals"] = gen["unet_evals_per_image"]
+                row.update(speed_record(pipe, sets[0].prompts[: params.latency_images], steps,
+                                        params.guidance_scale, params.resolution, params.seed))
+                _hps_means(params, row)
+                records.append(row)
+            done += 1
+            report(progress, done, total, f"evaluated {model.name} at {steps} steps")
+        del pipe
+    if not state.is_main_process:
+        return {"rows": 0, "records": [], "files": {}}
+    summary = build_report(params, records, out_dir)
+    summary["prompt_sets"] = {s.name: len(s) for s in sets}
+    (out_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "markdown"}, indent=1))
+    return summary
