@@ -11,6 +11,7 @@ A stage task is a thin wrapper around one library call ``fn(out_dir, progress) -
 
 from __future__ import annotations
 
+import contextvars
 import os
 import time
 from contextlib import ExitStack
@@ -105,6 +106,23 @@ def _injected_fault(stage: str) -> None:
     raise RuntimeError(f"injected fault in stage {stage} ({marker} was present)")
 
 
+_CURRENT: contextvars.ContextVar[tuple[str, str, str]] = contextvars.ContextVar("cad_stage")
+
+
+def work_dir() -> Path:
+    """A persistent scratch folder for the stage being built (checkpoints survive a failed attempt).
+
+    The stage folder itself is temporary until it completes; what must outlive a crash (training
+    checkpoints, img2dataset's partial shards) goes here: ``<store>/_work/<stage>/<key>`` for local
+    stores, ``~/.cache/curate-and-distill/work/...`` for remote ones.
+    """
+    stage, key, root = _CURRENT.get()
+    base = Path(root) if "://" not in root else Path.home() / ".cache" / "curate-and-distill"
+    path = base / "_work" / stage / key
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def build_stage(
     stage: str,
     params: Any,
@@ -123,7 +141,9 @@ def build_stage(
             return b.manifest
         logger.info("%s: building %s", stage, b.key)
         _injected_fault(stage)
+        token = _CURRENT.set((stage, b.key, store.url))
         with ExitStack() as stack:
+            stack.callback(_CURRENT.reset, token)
             inputs = [stack.enter_context(store.local_copy(m)) for m in upstream]
             counts = fn(b.path, inputs, ProgressArtifact(description)) or {}
         b.counts.update(counts)
