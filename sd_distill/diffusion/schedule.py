@@ -1,0 +1,67 @@
+"""A noise schedule read from a diffusers scheduler config: alpha_t, sigma_t and DDIM timestep grids.
+
+The grid follows diffusers' ``DDIMScheduler.set_timesteps`` (``leading`` / ``trailing`` / ``linspace`` spacing,
+``steps_offset``) and its ``prev_timestep = t - num_train_timesteps // steps`` rule, so a sampler built on it and
+the stock scheduler visit the same timesteps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sd_distill.diffusion.math import alphas_sigmas
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+@dataclass
+class NoiseSchedule:
+    alphas_cumprod: Tensor  # [num_train_timesteps], float32
+    final_alpha_cumprod: float = 1.0  # alpha-bar used past the last step (DDIM "set_alpha_to_one")
+    steps_offset: int = 0  # added to every leading-spaced timestep (SD configs: 1)
+    timestep_spacing: str = "leading"  # how inference timesteps are spread over [0, num_train_timesteps)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @classmethod
+    def from_scheduler(cls, scheduler) -> "NoiseSchedule":
+        """From any diffusers scheduler exposing ``alphas_cumprod`` and a config (DDIM, DDPM, DPM-Solver, ...)."""
+        cfg = scheduler.config
+        acp = scheduler.alphas_cumprod.detach().float().cpu()
+        set_one = bool(cfg.get("set_alpha_to_one", False))
+        spacing = cfg.get("timestep_spacing", "leading")
+        if spacing not in SPACINGS:
+            raise ValueError(f"scheduler timestep_spacing {spacing!r} not supported; valid: {list(SPACINGS)}")
+        return cls(acp, 1.0 if set_one else float(acp[0]), int(cfg.get("steps_offset", 0) or 0), spacing)
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: Tensor, steps_offset: int = 1) -> "NoiseSchedule":
+        return cls(alphas_cumprod.detach().float().cpu(), float(alphas_cumprod[0]), steps_offset, "leading")
+
+    def timesteps(self, steps: int) -> Tensor:
+        """The ``steps`` inference timesteps, descending (same values as ``DDIMScheduler.set_timesteps``)."""
+        n = self.num_train_timesteps
+        if not 1 <= steps <= n:
+            raise ValueError(f"steps must be in [1, {n}], got {steps}")
+        if self.timestep_spacing == "leading":
+            ts = (np.arange(0, steps) * (n // steps)).round()[::-1].astype(np.int64) + self.steps_offset
+        elif self.timestep_spacing == "trailing":
+            ts = np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
+        else:
+            ts = np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)
+        return torch.from_numpy(ts.copy())
+
+    def prev_timestep(self, t: Tensor | int, steps: int) -> Tensor:
+        """DDIM's previous timestep t - num_train_timesteps // steps (negative: past the end, use the final alpha)."""
+        return torch.as_tensor(t).long() - self.num_train_timesteps // steps
+
+    def alphas_sigmas(self, t: Tensor | int, ndim: int = 4, device=None) -> tuple[Tensor, Tensor]:
+        """alpha_t, sigma_t shaped ``[B, 1, 1, 1]`` (negative t -> final_alpha_cumprod)."""
+        a, s = alphas_sigmas(self.alphas_cumprod, torch.as_tensor(t).cpu(), self.final_alpha_cumprod, ndim)
+        return (a.to(device), s.to(device)) if device is not None else (a, s)

@@ -1,0 +1,92 @@
+"""One-stage CFG-aware direct step distillation (the reference method): teacher at 16/32 steps -> student at 8.
+
+References: Li et al. 2023, "SnapFusion", sec. 4.2 (CFG-aware step distillation: the student runs with CFG and
+is regressed onto the teacher's CFG trajectory; its loss is mixed with the vanilla step-distillation loss), and
+Salimans & Ho 2022, Alg. 2 (the student's one DDIM step must land where the teacher's steps land).
+
+Per batch (symbols as in :mod:`sd_distill.diffusion.math`):
+ 1. t from the student's N-step DDIM grid, t_end the next grid point; eps ~ N(0, I); z_t = alpha_t x + sigma_t eps.
+ 2. s ~ U[guidance_min, guidance_max] per sample (diffusers form, see ``cfg_combine``).
+ 3. Teacher, no grad, k = teacher_steps / student_steps DDIM steps t -> t_end:
+    with CFG at s -> z''_cfg, and conditional only -> z''_van.
+ 4. Targets x~ = two_step_target(z_t, z'', ...) for both (the x0 that reaches z'' in one DDIM step).
+ 5. Student, one batched forward of (uncond, cond): x_hat_cfg = cfg_combine(x_hat_c, x_hat_u, s), x_hat_van = x_hat_c.
+ 6. loss = cfg_loss_weight * L(x_hat_cfg, x~_cfg) + vanilla_loss_weight * L(x_hat_van, x~_van), with L the MSE in
+    ``loss_space`` weighted by ``snr_weighting``.
+The student keeps the teacher's prediction type: every output is converted to x0 at the boundary, so epsilon,
+sample and v_prediction teachers are handled by the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sd_distill.diffusion.math import add_noise, cfg_combine, two_step_target
+from sd_distill.diffusion.sampling import guided_prediction
+from sd_distill.diffusion.math import to_x0
+from sd_distill.distill.methods.common import (randn, regression_loss, student_intervals, teacher_endpoint, uniform,
+                                               unpack_batch)
+
+
+class CfgAwareDistillation:
+    """SnapFusion-style CFG-aware + vanilla step distillation from ``teacher_steps`` to ``student_steps``."""
+
+    w_conditioned = False
+
+    def __init__(self, cfg, phase, teacher, teacher_unet, student_unet):
+        if phase.teacher_steps % phase.student_steps or phase.teacher_steps <= phase.student_steps:
+            raise ValueError(f"phase {phase.name}: teacher_steps {phase.teacher_steps} must be a multiple > 1 of "
+                             f"student_steps {phase.student_steps}")
+        self.cfg, self.phase = cfg, phase
+        self.student, self.teacher_unet = student_unet, teacher_unet
+        self.schedule = teacher.schedule
+        self.prediction_type = teacher.prediction_type
+        self.student_steps = phase.student_steps
+        self.k = phase.teacher_steps // phase.student_steps
+
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        x0, cond, uncond = unpack_batch(batch)
+        n, device, dtype = x0.shape[0], x0.device, x0.dtype
+        cfg = self.cfg
+        # 1-2. interval, noise, guidance
+        t, t_end = student_intervals(self.schedule, self.student_steps, n, generator, device)
+        a_t, s_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t.cpu(), device=device))
+        a_e, s_e = (v.to(dtype) for v in self.schedule.alphas_sigmas(t_end.cpu(), device=device))
+        z_t = add_noise(x0, randn(x0.shape, generator, device, dtype), a_t, s_t)
+        s = uniform(n, cfg.guidance_min, cfg.guidance_max, generator, device)
+        # 3-4. teacher endpoints and one-step targets
+        use_cfg, use_van = cfg.cfg_loss_weight > 0, cfg.vanilla_loss_weight > 0
+        targets = {}
+        if use_cfg:
+            z_e = teacher_endpoint(self.teacher_unet, self.schedule, z_t, t, t_end, self.k, cond, uncond, s, "cfg",
+                                   self.prediction_type)
+            targets["cfg"] = two_step_target(z_t, z_e, a_t, s_t, a_e, s_e)
+        if use_van:
+            z_e = teacher_endpoint(self.teacher_unet, self.schedule, z_t, t, t_end, self.k, cond, None, 1.0, "cond",
+                                   self.prediction_type)
+            targets["vanilla"] = two_step_target(z_t, z_e, a_t, s_t, a_e, s_e)
+        # 5. student: cond (and uncond) in one forward
+        if use_cfg:
+            out = self.student(torch.cat([z_t, z_t]), torch.cat([t, t]),
+                               encoder_hidden_states=torch.cat([uncond, cond])).sample
+            out_u, out_c = out.chunk(2)
+            x_u = to_x0(out_u, z_t, a_t, s_t, self.prediction_type)
+            x_c = to_x0(out_c, z_t, a_t, s_t, self.prediction_type)
+        else:
+            x_c = to_x0(guided_prediction(self.student, z_t, t, cond, None, 1.0, "cond"), z_t, a_t, s_t,
+                        self.prediction_type)
+        # 6. mixed loss
+        logs: dict[str, float] = {"t_mean": float(t.float().mean()), "guidance_mean": float(s.mean())}
+        total = x0.new_zeros((), dtype=torch.float32)
+        if use_cfg:
+            l_cfg = regression_loss(cfg_combine(x_c, x_u, s), targets["cfg"], z_t, a_t, s_t, cfg.loss_space,
+                                    cfg.snr_weighting)
+            total = total + cfg.cfg_loss_weight * l_cfg
+            logs["loss_cfg"] = float(l_cfg.detach())
+        if use_van:
+            l_van = regression_loss(x_c, targets["vanilla"], z_t, a_t, s_t, cfg.loss_space, cfg.snr_weighting)
+            total = total + cfg.vanilla_loss_weight * l_van
+            logs["loss_vanilla"] = float(l_van.detach())
+        logs["loss"] = float(total.detach())
+        return total, logs

@@ -1,0 +1,120 @@
+"""Pieces shared by the step-distillation methods: timestep / guidance / noise sampling, the teacher's multi-step
+DDIM endpoint, and the weighted regression loss. Everything converts through :mod:`sd_distill.diffusion.math`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from sd_distill.diffusion.math import convert, ddim_step, snr_weight, to_eps, to_x0
+from sd_distill.diffusion.sampling import GuidanceMode, guided_prediction
+from sd_distill.diffusion.schedule import NoiseSchedule
+
+
+@runtime_checkable
+class DistillMethod(Protocol):
+    """What the trainer drives: a trainable ``student`` and a loss on one batch.
+
+    ``batch``: "latents" [B,4,h,w] (already * vae scaling_factor), "prompt_embeds" [B,L,D],
+    "negative_embeds" [B,L,D] (or [1,L,D]). Returns (scalar loss with grad, float logs).
+    """
+
+    student: torch.nn.Module
+
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]: ...
+
+
+def randn(shape, generator: torch.Generator, device, dtype=torch.float32) -> Tensor:
+    """Standard normal noise drawn on the generator's device (CPU generators work with GPU models)."""
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device, dtype)
+
+
+def uniform(n: int, low: float, high: float, generator: torch.Generator, device) -> Tensor:
+    """n draws from U[low, high]."""
+    u = torch.rand(n, generator=generator, device=generator.device).to(device)
+    return low + (high - low) * u
+
+
+def random_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator, device) -> Tensor:
+    """n integer timesteps uniform in [0, num_train_timesteps)."""
+    return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=generator.device).to(device)
+
+
+def student_intervals(schedule: NoiseSchedule, student_steps: int, n: int, generator: torch.Generator, device):
+    """(t, t_end) per sample: a random timestep of the student's own DDIM grid and the next one on that grid.
+
+    Training on the grid the student samples with makes its N-step sampler see exactly the trained intervals.
+    ``t_end`` < 0 means the last step (to the final alpha).
+    """
+    grid = schedule.timesteps(student_steps)
+    idx = torch.randint(0, len(grid), (n,), generator=generator, device=generator.device).cpu()
+    t = grid[idx]
+    return t.to(device), schedule.prev_timestep(t, student_steps).to(device)
+
+
+def unpack_batch(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(x0, cond, uncond) with uncond broadcast to the batch; names the missing key otherwise."""
+    for key in ("latents", "prompt_embeds", "negative_embeds"):
+        if key not in batch:
+            raise KeyError(f"distillation batch is missing {key!r}; it needs latents, prompt_embeds, negative_embeds")
+    x0, cond, uncond = batch["latents"], batch["prompt_embeds"], batch["negative_embeds"]
+    if uncond.shape[0] == 1 and x0.shape[0] > 1:
+        uncond = uncond.expand(x0.shape[0], *uncond.shape[1:])
+    return x0, cond.to(x0.dtype), uncond.to(x0.dtype)
+
+
+def x0_and_eps(unet, z, t, cond, uncond, guidance, mode: GuidanceMode, prediction_type: str,
+               schedule: NoiseSchedule) -> tuple[Tensor, Tensor]:
+    """The UNet's (x_hat, eps_hat) at (z_t, t) under a guidance mode, converted from its prediction type."""
+    pred = guided_prediction(unet, z, t.clamp(min=0), cond, uncond, guidance, mode)
+    alpha, sigma = schedule.alphas_sigmas(t.cpu(), device=z.device)
+    alpha, sigma = alpha.to(pred.dtype), sigma.to(pred.dtype)
+    return to_x0(pred, z, alpha, sigma, prediction_type), to_eps(pred, z, alpha, sigma, prediction_type)
+
+
+@torch.no_grad()
+def teacher_endpoint(unet, schedule: NoiseSchedule, z_t: Tensor, t: Tensor, t_end: Tensor, k: int, cond: Tensor,
+                     uncond: Tensor | None, guidance, mode: GuidanceMode, prediction_type: str) -> Tensor:
+    """z at t_end after ``k`` teacher DDIM steps from z_t (Salimans & Ho 2022, Alg. 2, the inner teacher loop).
+
+    Intermediate times are t_j = t - round(j (t - t_end) / k). A negative time is "past the last step"
+    (final alpha); once a sample gets there it stays (its remaining sub-steps are skipped).
+    """
+    z, t_cur = z_t, t.clone()
+    for j in range(1, k + 1):
+        t_next = t_end if j == k else t - torch.round(j * (t - t_end).float() / k).long()
+        t_next = torch.where(t_next < 0, torch.full_like(t_next, -1), t_next)
+        active = t_cur >= 0
+        x0, eps = x0_and_eps(unet, z, t_cur, cond, uncond, guidance, mode, prediction_type, schedule)
+        a_n, s_n = schedule.alphas_sigmas(t_next.cpu(), device=z.device)
+        z_new = ddim_step(z, x0, eps, a_n.to(z.dtype), s_n.to(z.dtype))
+        z = torch.where(active.reshape(-1, 1, 1, 1), z_new, z)
+        t_cur = torch.where(active, t_next, t_cur)
+    return z
+
+
+def regression_loss(x0_pred: Tensor, x0_target: Tensor, z_t: Tensor, alpha: Tensor, sigma: Tensor,
+                    loss_space: str, snr_weighting: str) -> Tensor:
+    """mean_b w_b * mean((S(x_hat) - S(x~))^2) with S the loss space (x0 / epsilon / v at the same z_t) and
+    w the SNR weight (:func:`sd_distill.diffusion.math.snr_weight`)."""
+    alpha, sigma = alpha.to(x0_pred.dtype), sigma.to(x0_pred.dtype)
+    pred = convert(x0_pred, z_t, alpha, sigma, "sample", loss_space)
+    target = convert(x0_target.to(x0_pred.dtype), z_t, alpha, sigma, "sample", loss_space)
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    weight = snr_weight(alpha.float(), sigma.float(), snr_weighting, loss_space).reshape(-1)
+    return (weight * per_sample).mean()
+
+
+def check_compatible(teacher_unet, student_unet, text_dim: int | None = None) -> None:
+    """Raise a clear error when the student cannot stand in for the teacher (latent / text interfaces differ)."""
+    for key in ("in_channels", "out_channels", "cross_attention_dim"):
+        tv, sv = teacher_unet.config.get(key), student_unet.config.get(key)
+        if tv != sv:
+            raise ValueError(f"teacher/student architecture mismatch: unet.config.{key} is {tv} for the teacher but "
+                             f"{sv} for the student; they must be equal")
+    if text_dim is not None and teacher_unet.config.cross_attention_dim != text_dim:
+        raise ValueError(f"teacher unet cross_attention_dim {teacher_unet.config.cross_attention_dim} does not match "
+                         f"the text encoder's hidden size {text_dim}")

@@ -1,0 +1,96 @@
+"""Method configuration and the phase plan: which distillation stages a method runs, in what order.
+
+Each :class:`PhaseSpec` becomes its own stage-store entry, so a failed progressive halving reruns alone.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+METHOD_KINDS = ("cfg_aware", "w_conditioned", "progressive", "bksdm_kd")
+STUDENT_ARCHS = ("same", "bk-base", "bk-small", "bk-tiny")
+
+
+class MethodConfig(BaseModel):
+    """What to distill and how. Every default is the reference method's (SnapFusion-style one-stage 16 -> 8)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["cfg_aware", "w_conditioned", "progressive", "bksdm_kd"] = "cfg_aware"  # the reference method
+    teacher_steps: int = Field(16, ge=2)  # teacher DDIM steps the student imitates (16 or 32 in the reference)
+    student_steps: int = Field(8, ge=1)  # student steps at inference (8 in the reference)
+    guidance_min: float = Field(2.0, ge=1.0)  # guidance scale s (diffusers form) sampled uniformly from [min, max]
+    guidance_max: float = Field(14.0, ge=1.0)  # upper end of that range (SnapFusion uses [2, 14])
+    cfg_loss_weight: float = Field(1.0, ge=0.0)  # weight of the CFG-aware term (student+CFG vs teacher+CFG)
+    vanilla_loss_weight: float = Field(1.0, ge=0.0)  # weight of the plain step-distillation term (no guidance)
+    loss_space: Literal["x0", "epsilon", "v"] = "v"  # space the MSE is measured in (v: SnapFusion's choice)
+    snr_weighting: Literal["none", "snr", "truncated_snr", "min_snr_5"] = "none"  # per-timestep weight (see math)
+    progressive_start_steps: int = Field(32, ge=2)  # w_conditioned/progressive: teacher steps of the first halving
+    w_embed_dim: int = Field(256, ge=2)  # w_conditioned: UNet time_cond_proj_dim (guidance embedding width)
+    student_arch: Literal["same", "bk-base", "bk-small", "bk-tiny"] = "same"  # student UNet (BK-SDM block removal)
+    kd_task_weight: float = Field(1.0, ge=0.0)  # bksdm_kd: denoising task loss weight (BK-SDM uses 1)
+    kd_out_weight: float = Field(1.0, ge=0.0)  # bksdm_kd: output-level KD weight (BK-SDM uses 1)
+    kd_feat_weight: float = Field(1.0, ge=0.0)  # bksdm_kd: feature-level KD weight (BK-SDM uses 1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MethodConfig":
+        if self.guidance_max < self.guidance_min:
+            raise ValueError(f"guidance_max ({self.guidance_max}) < guidance_min ({self.guidance_min})")
+        if self.kind in ("cfg_aware",):
+            if self.teacher_steps <= self.student_steps or self.teacher_steps % self.student_steps:
+                raise ValueError(f"cfg_aware: teacher_steps ({self.teacher_steps}) must be a multiple > 1 of "
+                                 f"student_steps ({self.student_steps}), e.g. 16 -> 8 or 32 -> 8")
+            if self.cfg_loss_weight == 0 and self.vanilla_loss_weight == 0:
+                raise ValueError("cfg_loss_weight and vanilla_loss_weight are both 0: nothing to train")
+        if self.kind == "bksdm_kd" and self.student_arch == "same":
+            raise ValueError(f"bksdm_kd needs a block-removed student_arch; valid: {list(STUDENT_ARCHS[1:])}")
+        if self.kind in ("w_conditioned", "progressive"):
+            s, e = self.progressive_start_steps, self.student_steps
+            if s <= e or s % e or (s // e) & (s // e - 1):
+                raise ValueError(f"{self.kind}: progressive_start_steps ({s}) must be student_steps ({e}) times a "
+                                 "power of two >= 2 (each phase halves the steps)")
+        return self
+
+
+class PhaseSpec(BaseModel):
+    """One training stage of a method."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int  # position in the plan, 0-based
+    name: str  # stable, filesystem-safe name, e.g. "halving-32-16"
+    teacher_steps: int  # steps the phase's teacher runs for one student interval grid
+    student_steps: int  # steps the phase's student is trained to sample with
+    kind: Literal["cfg_aware", "w_stage1", "w_halving", "progressive", "bksdm_kd"]  # which loss the phase uses
+    w_conditioned: bool = False  # the phase's student (and, for halvings, its teacher) take a guidance embedding
+
+
+def plan_phases(cfg: MethodConfig) -> list[PhaseSpec]:
+    """The phases of ``cfg.kind``, in training order.
+
+    * cfg_aware: one phase, teacher_steps -> student_steps.
+    * bksdm_kd: one phase (architecture distillation at the teacher's own step count = student_steps).
+    * w_conditioned: stage 1 (match the CFG output at progressive_start_steps with a w-conditioned student),
+      then halvings progressive_start_steps -> ... -> student_steps.
+    * progressive: halvings only.
+    """
+    if cfg.kind == "cfg_aware":
+        return [PhaseSpec(index=0, name=f"cfg-aware-{cfg.teacher_steps}-{cfg.student_steps}",
+                          teacher_steps=cfg.teacher_steps, student_steps=cfg.student_steps, kind="cfg_aware")]
+    if cfg.kind == "bksdm_kd":
+        return [PhaseSpec(index=0, name=f"bksdm-kd-{cfg.student_arch}", teacher_steps=cfg.student_steps,
+                          student_steps=cfg.student_steps, kind="bksdm_kd")]
+    phases: list[PhaseSpec] = []
+    w = cfg.kind == "w_conditioned"
+    if w:
+        phases.append(PhaseSpec(index=0, name=f"w-stage1-{cfg.progressive_start_steps}",
+                                teacher_steps=cfg.progressive_start_steps, student_steps=cfg.progressive_start_steps,
+                                kind="w_stage1", w_conditioned=True))
+    steps = cfg.progressive_start_steps
+    while steps > cfg.student_steps:
+        phases.append(PhaseSpec(index=len(phases), name=f"halving-{steps}-{steps // 2}", teacher_steps=steps,
+                                student_steps=steps // 2, kind="w_halving" if w else "progressive", w_conditioned=w))
+        steps //= 2
+    return phases

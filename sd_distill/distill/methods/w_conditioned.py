@@ -1,0 +1,92 @@
+"""Two-stage guided distillation (Meng et al. 2023, "On Distillation of Guided Diffusion Models", sec. 3).
+
+Stage 1 (``w_stage1``): a w-conditioned student x_eta(z_t, t, w) is trained to match the teacher's CFG output in a
+single forward pass (Meng et al. eq. 6): for t ~ U{0..T-1}, s ~ U[guidance_min, guidance_max],
+    L = || S(x_eta(z_t, w = s - 1)) - S(cfg_combine(x_c, x_u, s)) ||^2,
+with S the loss space and the SNR weight of :func:`snr_weight`. The guidance enters through diffusers'
+``time_cond_proj_dim`` / ``timestep_cond`` as ``guidance_embedding(s - 1)`` -- exactly what a stock
+``StableDiffusionPipeline`` feeds for ``guidance_scale = s``, so the saved student needs no custom pipeline.
+
+Stage 2 (``w_halving``): progressive distillation of the w-conditioned model (Meng et al. sec. 3.2, Salimans & Ho
+Alg. 2): the teacher (the previous phase's w-conditioned student) takes two DDIM steps with the same w, the
+student one, onto the two-step target. Each halving is its own phase.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sd_distill.diffusion.math import add_noise, to_x0, two_step_target
+from sd_distill.diffusion.sampling import guided_prediction
+from sd_distill.distill.methods.common import (random_timesteps, randn, regression_loss, student_intervals,
+                                               teacher_endpoint, uniform, unpack_batch)
+
+
+def _require_w(unet, who: str) -> None:
+    if unet.config.time_cond_proj_dim is None:
+        raise ValueError(f"w-conditioned distillation: the {who} UNet has no guidance input (time_cond_proj_dim is "
+                         "None); build the student with make_student(cfg, teacher_unet, phase)")
+
+
+class WConditionedStage1:
+    """Stage 1: match the teacher's CFG output with one w-conditioned evaluation."""
+
+    w_conditioned = True
+
+    def __init__(self, cfg, phase, teacher, teacher_unet, student_unet):
+        _require_w(student_unet, "student")
+        self.cfg, self.phase = cfg, phase
+        self.student, self.teacher_unet = student_unet, teacher_unet
+        self.schedule = teacher.schedule
+        self.prediction_type = teacher.prediction_type
+        self.student_steps = phase.student_steps
+        self.teacher_mode = "wcond" if teacher_unet.config.time_cond_proj_dim is not None else "cfg"
+
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        x0, cond, uncond = unpack_batch(batch)
+        n, device, dtype = x0.shape[0], x0.device, x0.dtype
+        t = random_timesteps(n, self.schedule.num_train_timesteps, generator, device)
+        a, s = (v.to(dtype) for v in self.schedule.alphas_sigmas(t.cpu(), device=device))
+        z_t = add_noise(x0, randn(x0.shape, generator, device, dtype), a, s)
+        g = uniform(n, self.cfg.guidance_min, self.cfg.guidance_max, generator, device)
+        with torch.no_grad():
+            target = to_x0(guided_prediction(self.teacher_unet, z_t, t, cond, uncond, g, self.teacher_mode), z_t, a, s,
+                           self.prediction_type)
+        pred = to_x0(guided_prediction(self.student, z_t, t, cond, None, g, "wcond"), z_t, a, s, self.prediction_type)
+        loss = regression_loss(pred, target, z_t, a, s, self.cfg.loss_space, self.cfg.snr_weighting)
+        return loss, {"loss": float(loss.detach()), "guidance_mean": float(g.mean())}
+
+
+class WConditionedHalving:
+    """Stage 2: one progressive halving of a w-conditioned model, same w for teacher and student."""
+
+    w_conditioned = True
+
+    def __init__(self, cfg, phase, teacher, teacher_unet, student_unet):
+        _require_w(teacher_unet, "teacher")
+        _require_w(student_unet, "student")
+        if phase.teacher_steps != 2 * phase.student_steps:
+            raise ValueError(f"w-conditioned halving {phase.name}: teacher_steps ({phase.teacher_steps}) must be "
+                             f"twice student_steps ({phase.student_steps})")
+        self.cfg, self.phase = cfg, phase
+        self.student, self.teacher_unet = student_unet, teacher_unet
+        self.schedule = teacher.schedule
+        self.prediction_type = teacher.prediction_type
+        self.student_steps = phase.student_steps
+
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        x0, cond, _ = unpack_batch(batch)
+        n, device, dtype = x0.shape[0], x0.device, x0.dtype
+        t, t_end = student_intervals(self.schedule, self.student_steps, n, generator, device)
+        a_t, s_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t.cpu(), device=device))
+        a_e, s_e = (v.to(dtype) for v in self.schedule.alphas_sigmas(t_end.cpu(), device=device))
+        z_t = add_noise(x0, randn(x0.shape, generator, device, dtype), a_t, s_t)
+        g = uniform(n, self.cfg.guidance_min, self.cfg.guidance_max, generator, device)
+        z_e = teacher_endpoint(self.teacher_unet, self.schedule, z_t, t, t_end, 2, cond, None, g, "wcond",
+                               self.prediction_type)
+        target = two_step_target(z_t, z_e, a_t, s_t, a_e, s_e)
+        pred = to_x0(guided_prediction(self.student, z_t, t, cond, None, g, "wcond"), z_t, a_t, s_t,
+                     self.prediction_type)
+        loss = regression_loss(pred, target, z_t, a_t, s_t, self.cfg.loss_space, self.cfg.snr_weighting)
+        return loss, {"loss": float(loss.detach()), "t_mean": float(t.float().mean()), "guidance_mean": float(g.mean())}
