@@ -137,10 +137,15 @@ def load_from_checkpoint_file(path: Path, arch: str, device: str, precision: str
     name = _arch_name(arch)
     model, preprocess, tokenizer = _build(name, "cpu", "fp32", load_weights=False)
     state = _state_dict_from_file(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit architecture {arch!r}: missing keys {list(missing)[:5]}, "
-                         f"unexpected keys {list(unexpected)[:5]}; pass the right `arch`")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path} does not fit architecture {arch!r}: missing keys {missing[:3]}, unexpected "
+                         f"keys {unexpected[:3]}, shape mismatches {wrong[:3]}; pass the right `arch`")
+    model.load_state_dict(state, strict=True)
     if precision in ("fp16", "bf16"):
         model = model.to(torch.float16 if precision == "fp16" else torch.bfloat16)
     model = model.to(device)
