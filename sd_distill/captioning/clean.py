@@ -8,7 +8,7 @@
 4. ``urls``, ``file_names``, ``stock_photo``: URLs / e-mail addresses, file names with an image or
    document extension, and stock-photo boilerplate ("stock photo", "royalty free", "getty images" ...);
 5. ``boilerplate_prefix``: a leading "image of", "a photo of", "picture showing", "close-up photo of" ...;
-6. ``repeats``: a word or phrase (up to 4 words) repeated back to back collapses to one copy;
+6. ``repeats``: a word or phrase (up to 6 words) repeated back to back collapses to one copy;
 7. ``whitespace``: runs of whitespace collapse, stray separators at the ends go;
 8. ``truncated``: more than ``max_words`` words keeps the first ``max_words``.
 
@@ -50,12 +50,12 @@ class CleanedCaption:
 
 
 def _collapse_repeats(text: str) -> str:
-    """Collapse back-to-back repeats of a 1-4 word phrase ("red red red" -> "red", "a b a b" -> "a b")."""
+    """Collapse back-to-back repeats of a 1-6 word phrase ("red red red" -> "red", "a b a b" -> "a b")."""
     words = text.split()
     keys = [w.lower().strip(",.;:!?") for w in words]
     count, i = len(words), 0
     while i < len(words):
-        for n in (4, 3, 2, 1):
+        for n in (6, 5, 4, 3, 2, 1):
             span = keys[i:i + n]
             if len(span) == n and any(ch.isalpha() for k in span for ch in k) and keys[i + n:i + 2 * n] == span:
                 del words[i + n:i + 2 * n], keys[i + n:i + 2 * n]  # drop the second copy, look again at i
