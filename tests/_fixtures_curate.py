@@ -1,22 +1,15 @@
 """Fixture files in the real source formats, generated images (good and broken) and a loopback server.
 
 Used by tests/test_curate_*.py and benchmarks/bench_curate.py. Everything is generated; nothing is
-downloaded. The server answers special paths with faults: ``/missing`` (404), ``/slow/...`` (sleeps
-past any test timeout), ``/redirect-html`` (302 to an HTML page), ``/truncated.png`` (half a PNG).
+downloaded. The loopback server is the toy world's ``serve_folder`` with its ``/_fault/`` paths.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import threading
-import time
 import zipfile
-from contextlib import contextmanager
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -71,54 +64,6 @@ def write_image_folder(folder: Path, n: int, start: int = 0, size: int = 24) -> 
         (folder / name).write_bytes(png_bytes(color_image(i, size)))
         names.append(name)
     return names
-
-
-class _Handler(SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:  # quiet
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802
-        path = self.path.split("?", 1)[0]
-        if path == "/missing":
-            self.send_error(404, "File not found")
-        elif path.startswith("/slow/"):
-            time.sleep(3.0)
-            self.send_error(504)
-        elif path == "/redirect-html":
-            self.send_response(302)
-            self.send_header("Location", "/page.html")
-            self.end_headers()
-        elif path == "/page.html":
-            body = b"<html><body>not an image</body></html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        elif path == "/truncated.png":
-            body = png_bytes(color_image(99, 64))
-            body = body[: len(body) // 2]
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        else:
-            super().do_GET()
-
-
-@contextmanager
-def loopback_server(folder: Path) -> Iterator[str]:
-    """Serve ``folder`` on 127.0.0.1 (port chosen by the OS) with the fault paths above; yields the base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(folder)))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # -- source files in the published formats ------------------------------------------------------
@@ -201,3 +146,65 @@ def write_hpdv2(folder: Path, n_entries: int, split: str = "train") -> Path:
     path = folder / f"{split}.json"
     path.write_text(json.dumps(entries))
     return path
+
+
+# -- step inputs without img2dataset ------------------------------------------------------------
+class BrightnessScorer:
+    """A stand-in HPS scorer: score = mean pixel value / 255 + 0.5 if the prompt says "bright".
+
+    Lets filter tests know every score in advance; ``calls`` records batch sizes.
+    """
+
+    version = "v2.1"
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def score(self, images, prompts, batch_size=32):
+        assert len(images) == len(prompts)
+        self.calls.append(len(images))
+        return np.array(
+            [np.asarray(im, np.float32).mean() / 255 + (0.5 if "bright" in p else 0.0) for im, p in zip(images, prompts)],
+            dtype=np.float32,
+        )
+
+
+class ListCaptioner:
+    """A stand-in captioner returning fixed captions in order; ``calls`` records batch sizes."""
+
+    def __init__(self, captions: list[str]):
+        self.captions = list(captions)
+        self.calls: list[int] = []
+
+    def caption(self, images, batch_size=16):
+        self.calls.append(len(images))
+        assert len(images) == len(self.captions)
+        return list(self.captions)
+
+
+def gray_png(level: int, size: int = 8) -> bytes:
+    return png_bytes(Image.new("RGB", (size, size), (level, level, level)))
+
+
+def write_downloaded(folder: Path, rows: list[tuple[str, str, int, str]]) -> Path:
+    """A downloaded.parquet of (key, source, gray level, caption) rows, as the download step writes it."""
+    import hashlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = [gray_png(level) for _, _, level, _ in rows]
+    df = pd.DataFrame(
+        {
+            "key": [r[0] for r in rows],
+            "source": [r[1] for r in rows],
+            "url": [f"http://h/{r[0]}.png" for r in rows],
+            "local_path": [None] * len(rows),
+            "caption_original": [r[3] for r in rows],
+            "extra": ["{}"] * len(rows),
+            "image": images,
+            "width": [8] * len(rows),
+            "height": [8] * len(rows),
+            "sha256": [hashlib.sha256(b).hexdigest() for b in images],
+        }
+    )
+    df.to_parquet(folder / "downloaded.parquet", index=False)
+    return folder

@@ -35,9 +35,9 @@ TOY_FORMATS = {
     "laion": "laion_parquet",
     "coco": "coco_json",
     "diffusiondb": "diffusiondb",
-    "hpdv2": "hpdv2",
+    "hpdv2_train": "hpdv2",
+    "hpdv2_test": "hpdv2",
     "urls": "url_list",
-    "url_list": "url_list",
 }
 
 
@@ -51,13 +51,10 @@ def toy_source_specs(spec: SourceSpec, out_dir: Path) -> list[SourceSpec]:
     )
     specs = []
     for fmt, path in sorted(paths.items()):
-        kind = next((k for name, k in TOY_FORMATS.items() if fmt.lower().startswith(name)), None)
+        kind = TOY_FORMATS.get(fmt)
         if kind is None:
-            continue  # truth tables, eval prompts: not sources
-        images_root = str(root) if kind in ("hpdv2",) else None
-        specs.append(
-            SourceSpec(kind=kind, path=str(path), name=f"{spec.name}:{fmt}", max_rows=spec.max_rows, images_root=images_root)
-        )
+            continue  # image folders, zips, the truth table: not sources
+        specs.append(SourceSpec(kind=kind, path=str(path), name=f"{spec.name}:{fmt}", max_rows=spec.max_rows))
     if not specs:
         raise ValueError(f"make_toy_sources wrote no source files it could read: {sorted(paths)}")
     return specs

@@ -67,6 +67,9 @@ class DownloadParams(_Params):
     resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = "center_crop"
     # Lossless by default so toy images keep exact colors; "jpg"/"webp" for real data at scale.
     encode_format: Literal["jpg", "png", "webp"] = "png"
+    # img2dataset encode_quality: None = 95 for jpg/webp (visually lossless) and 1 for png, where it is
+    # the zlib compression level (0-9): 1 is fast and PNG stays lossless at any level.
+    encode_quality: Optional[int] = Field(default=None, ge=0, le=100)
     # Seconds per request; loopback servers answer in milliseconds, the open web needs ~10.
     timeout: float = Field(default=10.0, gt=0)
     # Extra attempts per URL after the first failure (img2dataset `retries`).
@@ -84,6 +87,18 @@ class DownloadParams(_Params):
     # A persistent folder for img2dataset's raw shards so a retried stage resumes where it stopped
     # (the stage's own folder is temporary until it completes); None = inside the stage folder.
     resume_dir: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _check_quality(self) -> "DownloadParams":
+        if self.encode_format == "png" and self.encode_quality is not None and self.encode_quality > 9:
+            raise ValueError(f"encode_quality for png is a compression level 0-9, got {self.encode_quality}")
+        return self
+
+    @property
+    def quality(self) -> int:
+        if self.encode_quality is not None:
+            return self.encode_quality
+        return 1 if self.encode_format == "png" else 95
 
 
 class FilterParams(_Params):

@@ -252,7 +252,7 @@ def read_hpdv2(spec: SourceSpec) -> pd.DataFrame:
     if not isinstance(data, list):
         raise SourceFormatError(path, f"an HPDv2 annotation file is a JSON list, got {type(data).__name__}")
     split = "test" if posixpath.basename(path).startswith("test") else "train"
-    root = spec.images_root or _join(_parent(path), split)
+    root = spec.images_root or _hpdv2_root(data, path, split)
     rows = []
     for i, entry in enumerate(data):
         if not isinstance(entry, dict) or "prompt" not in entry:
@@ -281,6 +281,14 @@ def read_hpdv2(spec: SourceSpec) -> pd.DataFrame:
                     extra[k] = entry[k][j]
             rows.append((url, local, entry["prompt"], json.dumps(extra, default=str, ensure_ascii=False)))
     return _table(*zip(*rows)) if rows else _table([], [], [], [])
+
+
+def _hpdv2_root(data: list, path: str, split: str) -> str:
+    """``<json folder>/<split>`` (the HPSv2 layout), or the JSON's folder when paths already start with the split."""
+    first = next((e.get("file_path") or e.get("image_path") for e in data if isinstance(e, dict)), None)
+    if isinstance(first, list) and first and str(first[0]).replace("\\", "/").startswith(f"{split}/"):
+        return _parent(path)
+    return _join(_parent(path), split)
 
 
 # -- helpers for url lists ------------------------------------------------------------------------

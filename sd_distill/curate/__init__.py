@@ -1,0 +1,67 @@
+"""The curate stage: sources -> img2dataset download -> HPSv2 score + filter -> recaption -> Parquet shards.
+
+Each step is a plain function ``step(params, <input folders>, out_dir, progress=None) -> counts`` that
+writes only into ``out_dir`` (the Prefect layer gives each its own stage-store folder):
+
+1. ``collect_sources(params, out_dir)``                                   -> samples.parquet
+2. ``download_images(params, collect_dir, out_dir)``                      -> downloaded.parquet
+3. ``score_and_filter(params, download_dir, out_dir, scorer=None)``        -> scored.parquet
+4. ``recaption(params, filter_dir, out_dir, captioner=None, scorer=None)`` -> captioned.parquet
+5. ``write_shards(params, recaption_dir, [collect, download, filter dirs], out_dir)`` -> part-*.parquet
+
+Every step also writes ``rejects.parquet``. ``run_curate`` chains them in sub-folders (notebooks,
+scripts); ``summarize`` turns the result into a per-source table and a score distribution;
+``read_curated`` / ``iter_curated`` read the shards back with a schema check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sd_distill.curate.collect import collect_sources
+from sd_distill.curate.config import CaptionParams, CurateParams, DownloadParams, FilterParams, SourceSpec
+from sd_distill.curate.download import download_images
+from sd_distill.curate.filter import score_and_filter
+from sd_distill.curate.recaption import recaption
+from sd_distill.curate.shards import CURATED_COLUMNS, iter_curated, read_curated, write_shards
+from sd_distill.curate.sources import SourceFormatError
+from sd_distill.curate.summary import summarize, summary_markdown
+from sd_distill.progress import ProgressFn, report
+
+STEPS = ("collect", "download", "filter", "recaption", "shards")
+
+__all__ = [
+    "CURATED_COLUMNS", "STEPS", "CaptionParams", "CurateParams", "DownloadParams", "FilterParams", "SourceFormatError",
+    "SourceSpec", "collect_sources", "download_images", "iter_curated", "read_curated", "recaption", "run_curate",
+    "score_and_filter", "summarize", "summary_markdown", "write_shards",
+]
+
+
+def run_curate(
+    params: CurateParams, out_dir: Path, progress: ProgressFn | None = None, scorer=None, captioner=None
+) -> dict:
+    """Run all five steps into ``out_dir/<n>-<step>/``; returns ``{"counts": {step: counts}, "summary", "shards_dir"}``.
+
+    ``progress`` receives overall progress as (steps done, 5, message). ``scorer`` / ``captioner``
+    replace the models named in ``params`` (the same scorer serves filtering and caption choice).
+    """
+    out = Path(out_dir)
+    d = {s: out / f"{i}-{s}" for i, s in enumerate(STEPS, 1)}
+    counts = {}
+    report(progress, 0, len(STEPS), "collect")
+    counts["collect"] = collect_sources(params, d["collect"])
+    report(progress, 1, len(STEPS), "download")
+    counts["download"] = download_images(params, d["collect"], d["download"])
+    report(progress, 2, len(STEPS), "filter")
+    if scorer is None:
+        from sd_distill.scoring.hps import load_hps_scorer
+
+        f = params.filter
+        scorer = load_hps_scorer(f.hps_model, version=f.hps_version, device=f.device)
+    counts["filter"] = score_and_filter(params, d["download"], d["filter"], scorer=scorer)
+    report(progress, 3, len(STEPS), "recaption")
+    counts["recaption"] = recaption(params, d["filter"], d["recaption"], captioner=captioner, scorer=scorer)
+    report(progress, 4, len(STEPS), "shards")
+    counts["shards"] = write_shards(params, d["recaption"], [d["collect"], d["download"], d["filter"]], d["shards"])
+    report(progress, 5, len(STEPS), "done")
+    return {"counts": counts, "summary": summarize(d["shards"]), "shards_dir": str(d["shards"])}

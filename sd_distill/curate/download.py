@@ -1,0 +1,280 @@
+"""Step 2, download: every sample's image through img2dataset -> ``downloaded.parquet`` + ``rejects.parquet``.
+
+img2dataset itself does the fetching, resizing and encoding (``img2dataset.download``, parquet output,
+``incremental_mode="incremental"`` so an interrupted run resumes at the first unfinished shard). Local
+images take the same path: plain files as ``file://`` URLs, zip members and remote fsspec files
+staged to a local folder first. ``served://<path>`` URLs (the toy world) are served from the collect
+step's folder by ``sd_distill.toy.server.serve_folder`` on 127.0.0.1 for the duration of the download.
+
+img2dataset spawns worker processes, so it runs in a child interpreter
+(``python -m sd_distill.curate.download <args.json>``): callers in notebooks, scripts without an
+``if __name__ == "__main__"`` guard, or Prefect workers are never re-imported by ``spawn``.
+
+After img2dataset, each image is checked with PIL and converted to 8-bit RGB when it is not already
+(grayscale, 16-bit, palette; CMYK, alpha and animation are flattened by img2dataset's OpenCV decode),
+then de-duplicated by the sha256 of the stored bytes. Every input row ends up in exactly one of the two
+outputs; rejects carry img2dataset's error text (``HTTP Error 404: ...``, ``Image decoding error``,
+``image area too large``...) as the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from PIL import Image
+
+from sd_distill.curate.collect import SAMPLES_FILE
+from sd_distill.curate.config import CurateParams, DownloadParams
+from sd_distill.curate.schema import (
+    IMAGE_COLUMNS,
+    REJECTS_FILE,
+    SAMPLE_COLUMNS,
+    read_table,
+    rejects_frame,
+    write_rejects,
+    write_table,
+)
+from sd_distill.progress import ProgressFn, report
+
+DOWNLOADED_FILE = "downloaded.parquet"
+SERVED = "served://"
+
+
+# -- the child process ----------------------------------------------------------------------------
+def img2dataset_kwargs(dl: DownloadParams, url_list: Path, output_folder: Path) -> dict:
+    """Keyword arguments for ``img2dataset.download`` (one place maps our parameters to theirs)."""
+    return dict(
+        url_list=str(url_list),
+        input_format="parquet",
+        url_col="fetch_url",
+        save_additional_columns=["curate_key"],
+        output_folder=str(output_folder),
+        output_format="parquet",
+        image_size=dl.image_size,
+        resize_mode=dl.resize_mode,
+        encode_format=dl.encode_format,
+        encode_quality=dl.quality,
+        timeout=dl.timeout,
+        retries=dl.retries,
+        processes_count=dl.processes,
+        thread_count=dl.threads,
+        number_sample_per_shard=dl.shard_size,
+        min_image_size=dl.min_image_size,
+        max_image_area=float(dl.max_image_pixels),
+        incremental_mode="incremental",
+        extract_exif=False,
+        compute_hash=None,
+        distributor="multiprocessing",
+        enable_wandb=False,
+    )
+
+
+def _child_main(args_file: str) -> None:
+    import img2dataset
+
+    img2dataset.download(**json.loads(Path(args_file).read_text()))
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def _stage_local(key: str, path: str, staging: Path) -> str:
+    """A ``file://`` URL img2dataset can read for a local path or fsspec URL (zip members are copied out)."""
+    if "://" not in path or path.startswith("file://"):
+        return "file://" + str(Path(path.removeprefix("file://")).resolve())
+    suffix = Path(path.split("::", 1)[0].split("://", 1)[1]).suffix or ".img"
+    target = staging / f"{key}{suffix}"
+    if not target.exists():
+        with fsspec.open(path, "rb") as f:
+            data = f.read()
+        target.write_bytes(data)
+    return "file://" + str(target.resolve())
+
+
+def _fetch_urls(samples: pd.DataFrame, staging: Path, served_base: str | None) -> tuple[list[str | None], list[str | None]]:
+    """(fetch URL, error) per sample: served:// rewritten to the loopback server, local files staged."""
+    urls, errors = [], []
+    for key, url, local in zip(samples["key"], samples["url"], samples["local_path"]):
+        try:
+            if isinstance(local, str) and local:
+                urls.append(_stage_local(key, local, staging))
+            elif url.startswith(SERVED):
+                urls.append(f"{served_base}/{url[len(SERVED):]}")
+            else:
+                urls.append(url)
+            errors.append(None)
+        except Exception as e:  # a missing zip, an unreadable member: one row's problem
+            urls.append(None)
+            errors.append(f"local image unreadable: {type(e).__name__}: {e}")
+    return urls, errors
+
+
+def _run_img2dataset(dl: DownloadParams, url_list: Path, output: Path, n: int, progress: ProgressFn | None) -> None:
+    args_file = output.parent / "img2dataset_args.json"
+    args_file.write_text(json.dumps(img2dataset_kwargs(dl, url_list, output)))
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OPENCV_IO_MAX_IMAGE_PIXELS=str(dl.max_image_pixels))
+    log = output.parent / "img2dataset.log"
+    n_shards = max(1, math.ceil(n / dl.shard_size))
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sd_distill.curate.download", str(args_file)], stdout=logf, stderr=subprocess.STDOUT, env=env
+        )
+        last = -1
+        while proc.poll() is None:
+            done = len(list(output.glob("*_stats.json"))) if output.exists() else 0
+            if done != last:  # shard-level progress: img2dataset writes a stats file per finished shard
+                report(progress, min(done * dl.shard_size, n), n, f"img2dataset shards {done}/{n_shards}")
+                last = done
+            time.sleep(0.3)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"img2dataset exited with status {proc.returncode}; log {log}:\n{tail}")
+
+
+# -- outputs --------------------------------------------------------------------------------------
+def rgb_image_bytes(data: bytes, encode_format: str, quality: int) -> tuple[bytes, int, int, str | None]:
+    """(bytes, width, height, conversion note): the image as 8-bit RGB, re-encoded only when it was not."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode == "RGB":
+            return data, im.width, im.height, None
+        mode = im.mode
+        if mode.startswith("I;16") or mode == "I":
+            arr = np.asarray(im, dtype=np.uint32) >> (8 if mode.startswith("I;16") else 24)
+            rgb = Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+        else:
+            rgb = im.convert("RGB")
+    buf = io.BytesIO()
+    fmt = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[encode_format]
+    kw = {"compress_level": quality} if fmt == "PNG" else {"quality": quality}
+    rgb.save(buf, format=fmt, **kw)
+    return buf.getvalue(), rgb.width, rgb.height, f"converted {mode} to RGB"
+
+
+def _read_results(output: Path, encode_format: str) -> pd.DataFrame:
+    files = sorted(output.glob("*.parquet"))
+    cols = ["curate_key", "status", "error_message", encode_format, "original_width", "original_height"]
+    if not files:
+        return pd.DataFrame(columns=cols)
+    return pd.concat([pq.read_table(f, columns=cols).to_pandas() for f in files], ignore_index=True)
+
+
+def _with_extra(extra: str, **fields) -> str:
+    d = json.loads(extra) if extra else {}
+    d.update({k: v for k, v in fields.items() if v is not None})
+    return json.dumps(d, default=str, ensure_ascii=False)
+
+
+def download_images(params: CurateParams, sources_dir: Path, out_dir: Path, progress: ProgressFn | None = None) -> dict:
+    """Download (or read) every collected sample's image; write ``downloaded.parquet`` and ``rejects.parquet``.
+
+    Returns counts ``{"in", "downloaded", "rejected", "reasons", "per_source": {name: {in, downloaded, rejected}}}``.
+    """
+    from sd_distill.toy.server import serve_folder
+
+    dl = params.download
+    sources_dir, out_dir = Path(sources_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = read_table(sources_dir, SAMPLES_FILE, SAMPLE_COLUMNS)
+    n = len(samples)
+    job_id = hashlib.sha256(
+        json.dumps([samples["key"].tolist(), dl.model_dump(mode="json", exclude={"resume_dir"})]).encode()
+    ).hexdigest()[:16]
+    work = Path(dl.resume_dir) / job_id if dl.resume_dir else out_dir / "_img2dataset"
+    staging, output = work / "local", work / "shards"
+    staging.mkdir(parents=True, exist_ok=True)
+    rejects = []
+
+    with ExitStack() as stack:
+        served = samples["url"].fillna("").str.startswith(SERVED).any()
+        base = stack.enter_context(serve_folder(sources_dir)) if served else None
+        fetch, errors = _fetch_urls(samples, staging, base)
+        unreadable = pd.Series([e is not None for e in errors], index=samples.index)
+        if unreadable.any():
+            rejects.append(rejects_frame(samples[unreadable], "download", [e for e in errors if e]))
+        todo = pd.DataFrame({"fetch_url": fetch, "curate_key": samples["key"]})[~unreadable.values]
+        if len(todo):
+            url_list = work / "input.parquet"
+            todo.to_parquet(url_list, index=False)
+            _run_img2dataset(dl, url_list, output, len(todo), progress)
+    results = _read_results(output, dl.encode_format).drop_duplicates("curate_key", keep="last")
+    merged = samples[~unreadable.values].merge(results, left_on="key", right_on="curate_key", how="left")
+
+    # rows img2dataset failed on, or never reported (a crashed shard): rejected with its words
+    ok = merged["status"].eq("success") & merged[dl.encode_format].notna()
+    failed = merged[~ok]
+    if len(failed):
+        reason = [
+            str(e).strip() if isinstance(e, str) and e else ("img2dataset returned no result (shard failed)" if s != s or s is None else str(s))
+            for e, s in zip(failed["error_message"], failed["status"])
+        ]
+        rejects.append(rejects_frame(failed, "download", reason))
+
+    # convert to RGB, hash the stored bytes, drop exact duplicate images (first in sample order kept)
+    kept_rows, bad_rows, bad_reasons, dup_rows, dup_of = [], [], [], [], []
+    first_by_hash: dict[str, str] = {}
+    for row in merged[ok].itertuples(index=False):
+        try:
+            data, w, h, note = rgb_image_bytes(getattr(row, dl.encode_format), dl.encode_format, dl.quality)
+        except Exception as e:
+            bad_rows.append(row._asdict())
+            bad_reasons.append(f"image unreadable after resize: {type(e).__name__}: {e}")
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in first_by_hash:
+            dup_rows.append(row._asdict())
+            dup_of.append(first_by_hash[digest])
+            continue
+        first_by_hash[digest] = row.key
+        extra = _with_extra(
+            row.extra, original_width=_int(row.original_width), original_height=_int(row.original_height), image_conversion=note
+        )
+        kept_rows.append({**{c: getattr(row, c) for c in SAMPLE_COLUMNS}, "extra": extra, "image": data, "width": w, "height": h, "sha256": digest})
+    if bad_rows:
+        rejects.append(rejects_frame(pd.DataFrame(bad_rows), "download", bad_reasons))
+    if dup_rows:
+        rejects.append(rejects_frame(pd.DataFrame(dup_rows), "download", "duplicate_image", dup_of))
+
+    downloaded = pd.DataFrame(kept_rows, columns=SAMPLE_COLUMNS + IMAGE_COLUMNS)
+    write_table(downloaded, out_dir / DOWNLOADED_FILE)
+    n_rejected = write_rejects(rejects, out_dir / REJECTS_FILE)
+    if not dl.resume_dir:
+        shutil.rmtree(work, ignore_errors=True)  # raw shards duplicate downloaded.parquet once it is written
+    assert len(downloaded) + n_rejected == n, f"download accounting does not close: {len(downloaded)} + {n_rejected} != {n}"
+    report(progress, n, n, f"{len(downloaded)} images")
+    return _counts(samples, downloaded, pd.concat(rejects, ignore_index=True) if rejects else None)
+
+
+def _int(v) -> int | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
+
+
+def _counts(samples: pd.DataFrame, kept: pd.DataFrame, rejects: pd.DataFrame | None) -> dict:
+    per_source = {}
+    for name, group in samples.groupby("source", sort=True):
+        k = int((kept["source"] == name).sum())
+        per_source[str(name)] = {"in": int(len(group)), "downloaded": k, "rejected": int(len(group) - k)}
+    reasons = {} if rejects is None else {str(k): int(v) for k, v in rejects["reason"].value_counts().items()}
+    return {
+        "in": int(len(samples)),
+        "downloaded": int(len(kept)),
+        "rejected": int(0 if rejects is None else len(rejects)),
+        "reasons": reasons,
+        "per_source": per_source,
+    }
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1])

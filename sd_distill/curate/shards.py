@@ -1,0 +1,154 @@
+"""Step 5, shards: the curated dataset as DESIGN.md fixes it, and its checked reader.
+
+``part-00000.parquet``, ``part-00001.parquet``, ... hold one row per kept sample with exactly
+``CURATED_COLUMNS`` (+ the extras: ``local_path``, ``caption_reason`` and the JSON ``extra``);
+``rejects.parquet`` holds every input row that was not kept, with its ``stage`` and ``reason``.
+Accounting closes per source: rows in = kept + rejected; ``write_shards`` checks it key by key
+against the collect step's output and returns the counts for the manifest.
+
+Readers (``read_curated``, ``iter_curated``) check each file's schema on load and name the file and
+every missing or mistyped column.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sd_distill.curate.collect import SAMPLES_FILE
+from sd_distill.curate.config import CurateParams
+from sd_distill.curate.recaption import CAPTIONED_FILE
+from sd_distill.curate.schema import REJECT_COLUMNS, REJECTS_FILE, read_rejects, read_table, write_rejects
+
+# column -> (pyarrow type check, what it must be); the written schema of every part file
+CURATED_TYPES = {
+    "key": (pa.types.is_string, "string"),
+    "source": (pa.types.is_string, "string"),
+    "url": (lambda t: pa.types.is_string(t) or pa.types.is_null(t), "string"),
+    "image": (pa.types.is_binary, "binary (encoded image bytes)"),
+    "width": (pa.types.is_integer, "integer"),
+    "height": (pa.types.is_integer, "integer"),
+    "sha256": (pa.types.is_string, "string"),
+    "caption_original": (pa.types.is_string, "string"),
+    "caption": (pa.types.is_string, "string"),
+    "caption_source": (pa.types.is_string, "string"),
+    "hps_score": (pa.types.is_floating, "float"),
+    "hps_version": (pa.types.is_string, "string"),
+}
+CURATED_COLUMNS = list(CURATED_TYPES)
+EXTRA_COLUMNS = ["local_path", "caption_reason", "extra"]
+CURATED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()), ("source", pa.string()), ("url", pa.string()), ("image", pa.binary()),
+        ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()), ("caption_original", pa.string()),
+        ("caption", pa.string()), ("caption_source", pa.string()), ("hps_score", pa.float32()),
+        ("hps_version", pa.string()), ("local_path", pa.string()), ("caption_reason", pa.string()), ("extra", pa.string()),
+    ]
+)
+
+
+def write_shards(params: CurateParams, captioned_dir: Path, upstream_rejects: Sequence[Path], out_dir: Path) -> dict:
+    """Write the part files and the merged rejects; return per-source counts (in = kept + rejected, checked).
+
+    ``upstream_rejects``: the folders of the earlier steps (collect, download, filter); their
+    ``rejects.parquet`` files are merged with the recaption step's. When the collect folder is among
+    them, every collected key must appear exactly once in kept or rejected (AssertionError otherwise).
+    """
+    captioned_dir, out_dir = Path(captioned_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kept = read_table(captioned_dir, CAPTIONED_FILE, CURATED_COLUMNS + EXTRA_COLUMNS)
+    folders = [Path(d) for d in upstream_rejects]
+    all_rejects = [read_rejects(d) for d in folders + [captioned_dir]]
+    rejects = pd.concat([r for r in all_rejects if len(r)] or [all_rejects[0]], ignore_index=True)[REJECT_COLUMNS]
+
+    # accounting: in = kept + rejected, per source, and key by key against what was collected
+    overlap = set(kept["key"]) & set(rejects["key"])
+    assert not overlap, f"{len(overlap)} keys are both kept and rejected, e.g. {sorted(overlap)[:3]}"
+    assert rejects["key"].is_unique, "a sample was rejected twice"
+    collect_dir = next((d for d in folders if (d / SAMPLES_FILE).exists()), None)
+    if collect_dir is not None:
+        collected = pd.concat(
+            [read_table(collect_dir, SAMPLES_FILE, ["key", "source"])[["key", "source"]], read_rejects(collect_dir)[["key", "source"]]]
+        )
+        accounted = pd.concat([kept[["key", "source"]], rejects[["key", "source"]]])
+        lost = set(collected["key"]) - set(accounted["key"])
+        assert not lost, f"{len(lost)} collected samples are neither kept nor rejected, e.g. {sorted(lost)[:3]}"
+        assert len(accounted) == len(collected), "more rows out than in"
+    per_source = {}
+    for name in sorted(set(kept["source"]) | set(rejects["source"])):
+        r = rejects[rejects["source"] == name]
+        k = int((kept["source"] == name).sum())
+        by_reason = r.groupby(["stage", "reason"]).size()
+        per_source[str(name)] = {
+            "in": k + len(r),
+            "kept": k,
+            "rejected": int(len(r)),
+            "rejected_by_reason": {f"{s}/{reason}": int(v) for (s, reason), v in by_reason.items()},
+        }
+        if collect_dir is not None:
+            assert per_source[name]["in"] == int((collected["source"] == name).sum()), f"accounting does not close for {name}"
+
+    kept = kept.sort_values("key", kind="stable").reset_index(drop=True)  # deterministic part contents
+    n_parts = 0
+    for start in range(0, max(len(kept), 1), params.shard_rows):
+        part = kept.iloc[start : start + params.shard_rows][CURATED_SCHEMA.names]
+        pq.write_table(pa.Table.from_pandas(part, schema=CURATED_SCHEMA, preserve_index=False), out_dir / f"part-{n_parts:05d}.parquet")
+        n_parts += 1
+    write_rejects(rejects, out_dir / REJECTS_FILE)
+    return {
+        "in": int(len(kept) + len(rejects)),
+        "kept": int(len(kept)),
+        "rejected": int(len(rejects)),
+        "shards": n_parts,
+        "per_source": per_source,
+    }
+
+
+# -- readers ------------------------------------------------------------------------------------------
+def curated_files(folder: Path) -> list[Path]:
+    files = sorted(Path(folder).glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no part-*.parquet files; is it a curate/shards stage folder?")
+    return files
+
+
+def check_curated_schema(path: Path, schema: pa.Schema, columns: Sequence[str] | None = None) -> None:
+    """Raise ValueError naming the file and every missing or mistyped column of the curated schema."""
+    wanted = CURATED_COLUMNS if columns is None else [c for c in columns if c in CURATED_TYPES]
+    problems = []
+    for name in wanted:
+        if name not in schema.names:
+            problems.append(f"missing column {name!r}")
+            continue
+        check, what = CURATED_TYPES[name]
+        t = schema.field(name).type
+        if not check(t):
+            problems.append(f"column {name!r} is {t}, expected {what}")
+    if columns is not None:
+        unknown = [c for c in columns if c not in schema.names]
+        problems += [f"requested column {c!r} does not exist" for c in unknown if c not in CURATED_TYPES]
+    if problems:
+        raise ValueError(f"{path}: not a curated shard: " + "; ".join(problems))
+
+
+def iter_curated(folder: Path, columns: Sequence[str] | None = None, batch_rows: int = 1024) -> Iterator[pd.DataFrame]:
+    """The curated rows in batches of at most ``batch_rows``, each part file's schema checked first."""
+    for path in curated_files(folder):
+        pf = pq.ParquetFile(path)
+        check_curated_schema(path, pf.schema_arrow, columns)
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=list(columns) if columns else None):
+            yield batch.to_pandas()
+
+
+def read_curated(folder: Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Every curated row as one DataFrame (schema checked on load)."""
+    frames = []
+    for path in curated_files(folder):
+        schema = pq.read_schema(path)
+        check_curated_schema(path, schema, columns)
+        frames.append(pq.read_table(path, columns=list(columns) if columns else None).to_pandas())
+    return pd.concat(frames, ignore_index=True)
