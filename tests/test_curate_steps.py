@@ -136,6 +136,8 @@ def test_write_shards_closes_accounting_per_source_and_splits_parts(tmp_path):
                         "rejected:collect": 1, "rejected:download": 1, "rejected:filter": 0, "rejected:recaption": 0}
     assert row["all"]["in"] == 6 and sum(summary["scores"]["all_scored"]["histogram"]["counts"]) == 4
     assert summary["scores"]["kept"]["quantiles"]["n"] == 3
+    assert "| T | 3 | 1 | 1 | 1 | 2 | 1 | 1 | 0 | 0 |" in summary["markdown"]
+    assert "| T | download | HTTP Error 404: File not found | 1 |" in summary["markdown"]
     json.dumps(summary)  # plain data for the Prefect artifact
 
 

@@ -177,8 +177,14 @@ def _with_extra(extra: str, **fields) -> str:
     return json.dumps(d, default=str, ensure_ascii=False)
 
 
-def download_images(params: CurateParams, sources_dir: Path, out_dir: Path, progress: ProgressFn | None = None) -> dict:
+def download_images(
+    params: CurateParams, sources_dir: Path, out_dir: Path, progress: ProgressFn | None = None, work_dir: Path | None = None
+) -> dict:
     """Download (or read) every collected sample's image; write ``downloaded.parquet`` and ``rejects.parquet``.
+
+    img2dataset's raw shards live in ``work_dir`` (a persistent scratch folder the caller owns, e.g. the
+    Prefect layer's per-stage work dir), else ``params.download.resume_dir``, else inside ``out_dir``;
+    in the first two cases a rerun after an interruption resumes at the first unfinished shard.
 
     Returns counts ``{"in", "downloaded", "rejected", "reasons", "per_source": {name: {in, downloaded, rejected}}}``.
     """
@@ -192,7 +198,8 @@ def download_images(params: CurateParams, sources_dir: Path, out_dir: Path, prog
     job_id = hashlib.sha256(
         json.dumps([samples["key"].tolist(), dl.model_dump(mode="json", exclude={"resume_dir"})]).encode()
     ).hexdigest()[:16]
-    work = Path(dl.resume_dir) / job_id if dl.resume_dir else out_dir / "_img2dataset"
+    persistent = work_dir or dl.resume_dir
+    work = Path(persistent) / job_id if persistent else out_dir / "_img2dataset"
     staging, output = work / "local", work / "shards"
     staging.mkdir(parents=True, exist_ok=True)
     rejects = []
@@ -250,7 +257,7 @@ def download_images(params: CurateParams, sources_dir: Path, out_dir: Path, prog
     downloaded = pd.DataFrame(kept_rows, columns=SAMPLE_COLUMNS + IMAGE_COLUMNS)
     write_table(downloaded, out_dir / DOWNLOADED_FILE)
     n_rejected = write_rejects(rejects, out_dir / REJECTS_FILE)
-    if not dl.resume_dir:
+    if not persistent:
         shutil.rmtree(work, ignore_errors=True)  # raw shards duplicate downloaded.parquet once it is written
     assert len(downloaded) + n_rejected == n, f"download accounting does not close: {len(downloaded)} + {n_rejected} != {n}"
     report(progress, n, n, f"{len(downloaded)} images")

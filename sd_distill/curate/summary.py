@@ -52,11 +52,13 @@ def summarize(shards_dir: Path, bins: int = 10) -> dict:
         rejects.groupby(["source", "stage", "reason"]).size().reset_index(name="count").sort_values(["source", "stage", "count"], ascending=[True, True, False])
     )
     scored = np.concatenate([kept["hps_score"].to_numpy(np.float32), rejects["hps_score"].dropna().to_numpy(np.float32)])
-    return {
+    summary = {
         "table": rows,
-        "reasons": reasons.to_dict(orient="records"),
+        "reasons": [{k: (int(v) if k == "count" else v) for k, v in r.items()} for r in reasons.to_dict(orient="records")],
         "scores": {"all_scored": _distribution(scored, bins), "kept": _distribution(kept["hps_score"].to_numpy(np.float32), bins)},
     }
+    summary["markdown"] = summary_markdown(summary)
+    return summary
 
 
 def _distribution(scores: np.ndarray, bins: int) -> dict:
@@ -67,11 +69,28 @@ def _distribution(scores: np.ndarray, bins: int) -> dict:
     return {"quantiles": score_quantiles(s), "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}}
 
 
+def _markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def summary_markdown(summary: dict) -> str:
-    """The per-source table as Markdown (for logs, notebooks and the Prefect artifact description)."""
-    df = pd.DataFrame(summary["table"])
-    header = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
-    body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in df.itertuples(index=False))
-    q = summary["scores"]["all_scored"]["quantiles"]
-    tail = "" if not q else f"\nHPS scores (all scored, n={q['n']}): min {q['min']:.4f}, median {q['p50']:.4f}, max {q['max']:.4f}\n"
-    return header + body + tail
+    """Counts per source, rejects by reason and the HPS score distribution as Markdown."""
+    parts = ["### Samples per source\n", _markdown_table(summary["table"])]
+    if summary["reasons"]:
+        parts += ["\n### Rejected, by stage and reason\n", _markdown_table(summary["reasons"])]
+    for name, dist in summary["scores"].items():
+        q = dist["quantiles"]
+        if not q:
+            continue
+        parts.append(f"\n### HPS scores: {name.replace('_', ' ')} (n={q['n']})\n")
+        parts.append(_markdown_table([{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in q.items()}]))
+        h = dist["histogram"]
+        peak = max(h["counts"]) or 1
+        bars = [f"{lo:+.4f} .. {hi:+.4f} | {'#' * round(20 * c / peak)} {c}" for lo, hi, c in zip(h["edges"], h["edges"][1:], h["counts"])]
+        parts.append("\n```\n" + "\n".join(bars) + "\n```\n")
+    return "".join(parts)
