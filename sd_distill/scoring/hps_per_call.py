@@ -24,11 +24,12 @@ from sd_distill.scoring.openclip import _arch_name, _bundle, _build, _state_dict
 class PerCallHPS:
     """hpsv2.score's per-call path: reload the checkpoint every call, score one image per forward."""
 
-    def __init__(self, checkpoint: str | Path, arch: str = "ViT-H-14", device: str = "cpu"):
+    def __init__(self, checkpoint: str | Path, arch: str = "ViT-H-14", device: str = "cpu", precision: str = "fp32"):
         self.checkpoint = Path(checkpoint)
         self.name = _arch_name(arch)
         model, preprocess, tokenizer = _build(self.name, device, "fp32", load_weights=False)  # once per process
-        self.clip = _bundle(model, preprocess, tokenizer, str(checkpoint), arch, "fp32", device)
+        # "amp" autocasts like hpsv2's `torch.cuda.amp.autocast()`; weights stay fp32 as hpsv2 keeps them
+        self.clip = _bundle(model, preprocess, tokenizer, str(checkpoint), arch, precision, device)
 
     def score(self, images: Sequence[Image.Image], prompt: str) -> np.ndarray:
         """HPS of each image against one prompt, reloading the checkpoint first (as hpsv2.score does)."""
