@@ -295,3 +295,14 @@ def micro_batch_indices(n: int, batch_size: int, position: int, seed: int, rank:
             cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         out.append(int(cache[epoch][g % n]))
     return out
+
+
+def cache_latents(params, curated_dir: str | Path, out_dir: str | Path, progress: Optional[ProgressFn] = None) -> dict:
+    """The cache step of the distill stage: ``build_latent_cache`` with the values of ``DistillParams``."""
+    d = params.data
+    return build_latent_cache(
+        params.teacher, curated_dir, out_dir, d.resolution, d.cache_batch_size, progress,
+        caption_column=d.caption_column, max_samples=d.max_samples, negative_prompt=d.negative_prompt,
+        cache_latents=d.cache_latents, dtype=d.cache_dtype, shard_rows=d.shard_rows,
+        device="cpu" if params.trainer.device == "cpu" else None,
+    )

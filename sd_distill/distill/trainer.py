@@ -1,0 +1,257 @@
+"""The training loop of one distillation phase (``train_phase``), read top to bottom.
+
+Phases of the loop (nanoGPT-style):
+  0. setup      accelerate ``Accelerator`` (1 GPU, several under ``accelerate launch``, or CPU), seeds
+  1. models     teacher (frozen, in the autocast dtype), phase teacher UNet, student (fp32 weights),
+                gradient checkpointing, SDPA attention (diffusers' ``AttnProcessor2_0``), the method
+  2. optimizer  AdamW + ``LambdaLR`` over ``lr_multiplier`` (warm-up, then constant / cosine / linear)
+  3. resume     newest complete checkpoint: weights, optimizer, LR schedule, EMA, RNG states, data position
+  4. loop       per optimizer step: grad_accum micro-batches of forward (autocast) / backward, loss
+                averaged over processes, clip, NaN guard, optimizer step, EMA, LR step, log, checkpoint
+  5. output     ``unet/`` (EMA weights when EMA is on), ``loss_curve.csv``, ``phase.json``
+Side concerns are hooks in ``hooks/`` (ema, nan_guard, checkpoint, progress).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from sd_distill.distill.config import DistillParams, TrainerConfig
+from sd_distill.distill.data import LatentDataset, encode_pixels, micro_batch_indices
+from sd_distill.distill.hooks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sd_distill.distill.hooks.ema import EMA
+from sd_distill.distill.hooks.nan_guard import NanGuard
+from sd_distill.distill.hooks.progress import ProgressHook
+from sd_distill.progress import ProgressFn
+
+AUTOCAST_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def lr_multiplier(step: int, cfg: TrainerConfig) -> float:
+    """Learning-rate factor for optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1.0 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+
+def load_unet(ref: str | Path, device="cpu", dtype=torch.float32):
+    """A UNet2DConditionModel from a phase folder / pipeline folder (``unet/`` inside) or a UNet folder."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(ref)
+    if (folder / "unet" / "config.json").exists():
+        folder = folder / "unet"
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"no UNet in {ref}: expected {Path(ref) / 'unet' / 'config.json'} or {folder / 'config.json'}")
+    return UNet2DConditionModel.from_pretrained(str(folder)).to(device, dtype)
+
+
+def use_sdpa(unet) -> None:
+    """PyTorch scaled-dot-product attention in every attention layer (diffusers' AttnProcessor2_0)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if hasattr(unet, "set_attn_processor"):
+        unet.set_attn_processor(AttnProcessor2_0())
+
+
+def make_accelerator(cfg: TrainerConfig):
+    from accelerate import Accelerator
+
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    if cfg.mixed_precision == "fp16" and cpu:
+        raise ValueError("trainer.mixed_precision='fp16' needs a GPU; on the CPU use 'bf16' or 'no'")
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
+
+
+def train_phase(
+    params: DistillParams,
+    phase,
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    teacher_unet_ref: Optional[str | Path] = None,
+    student_init_ref: Optional[str | Path] = None,
+    progress: Optional[ProgressFn] = None,
+    resume: bool = True,
+) -> dict:
+    """Train one phase's student; writes ``unet/``, ``loss_curve.csv``, ``phase.json``, ``checkpoints/``.
+
+    ``teacher_unet_ref`` / ``student_init_ref``: folders of earlier phases (progressive chains); None means
+    the original teacher's UNet and ``make_student(...)`` from it. ``resume``: continue from the newest
+    complete checkpoint in ``out_dir/checkpoints`` when there is one.
+    """
+    from accelerate.utils import set_seed
+
+    from sd_distill.distill.methods import build_method, make_student
+    from sd_distill.distill.teacher import load_teacher
+
+    tc = params.trainer
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "checkpoints"
+
+    # 0. setup --------------------------------------------------------------------------------------
+    accelerator = make_accelerator(tc)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    set_seed(tc.seed + rank)
+    frozen_dtype = AUTOCAST_DTYPES[tc.mixed_precision]
+    dataset = LatentDataset(cache_dir)  # fails early on a missing or empty cache
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # 1. models: frozen teachers in the autocast dtype, the student in fp32 ----------------------------
+    teacher = load_teacher(params.teacher, device="cpu", dtype=torch.float32)
+    teacher_unet = load_unet(teacher_unet_ref) if teacher_unet_ref else teacher.unet
+    if student_init_ref:
+        student = load_unet(student_init_ref)
+    else:
+        student = make_student(params.method, teacher_unet, phase)
+    student = student.to(device, torch.float32).train()
+    student.requires_grad_(True)
+    teacher_unet.requires_grad_(False).eval().to(device, frozen_dtype)
+    if teacher_unet is not teacher.unet:
+        teacher.unet.requires_grad_(False).eval().to(device, frozen_dtype)
+    for unet in (student, teacher_unet):
+        use_sdpa(unet)
+    if tc.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    if not dataset.cache_latents:
+        teacher.vae.requires_grad_(False).eval().to(device, frozen_dtype)
+    method = build_method(params.method, phase, teacher, teacher_unet, student)
+
+    # 2. optimizer and learning-rate schedule ---------------------------------------------------------
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps, weight_decay=tc.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, tc))
+    student, optimizer = accelerator.prepare(student, optimizer)  # DDP wrap when several processes
+    method.student = student
+    raw_student = accelerator.unwrap_model(student)
+    ema = EMA(raw_student, tc.ema_decay) if tc.ema_decay else None
+    guard = NanGuard(patience=tc.nan_patience, explode_factor=tc.loss_explode_factor)
+    generator = torch.Generator(device=device).manual_seed(tc.seed * 7919 + rank)
+
+    # 3. resume ---------------------------------------------------------------------------------------
+    step, data_position, history, resumed_from = 0, 0, [], None
+    last_ckpt = latest_checkpoint(ckpt_root) if resume else None
+    if last_ckpt is not None:
+        state = load_checkpoint(last_ckpt, student=raw_student, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                generator=generator, ema=ema, grad_scaler=accelerator.scaler, rank=rank)
+        step, data_position, history = state["step"], state["data_position"], state["history"]
+        guard.load_state_dict(state["nan_guard"])
+        resumed_from = str(last_ckpt)
+
+    def checkpoint() -> Path:
+        trainer_state = {"data_position": data_position, "history": history, "nan_guard": guard.state_dict(),
+                         "phase": _dump(phase), "params": params.model_dump(mode="json"), "world_size": world}
+        return save_checkpoint(ckpt_root, step, student=raw_student, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                               generator=generator, trainer_state=trainer_state, ema=ema, grad_scaler=accelerator.scaler,
+                               rank=rank, is_main=accelerator.is_main_process, keep=tc.keep_checkpoints,
+                               barrier=accelerator.wait_for_everyone)
+
+    # 4. the loop -------------------------------------------------------------------------------------
+    hook = ProgressHook(tc.max_steps, tc.batch_size * tc.grad_accum * world, progress, tc.log_every,
+                        enabled=accelerator.is_main_process)
+    t_start, steps_run = time.perf_counter(), 0
+    while step < tc.max_steps:
+        # forward / backward over grad_accum micro-batches (gradients synchronised on the last one)
+        loss_sum = torch.zeros((), device=device)
+        logs_sum: dict[str, float] = {}
+        for micro in range(tc.grad_accum):
+            idx = micro_batch_indices(len(dataset), tc.batch_size, data_position, tc.seed, rank, world)
+            data_position += 1
+            batch = dataset.batch(idx, generator, params.data.sample_posterior, device)
+            if "pixels" in batch:  # cache without latents: encode this batch now
+                mean, std = encode_pixels(teacher.vae, batch.pop("pixels"))
+                batch["latents"] = mean + std * torch.randn(mean.shape, generator=generator, device=device) \
+                    if params.data.sample_posterior else mean
+            sync = micro == tc.grad_accum - 1
+            with (contextlib.nullcontext() if sync else accelerator.no_sync(student)), accelerator.autocast():
+                loss, logs = method.loss(batch, generator)
+            accelerator.backward(loss / tc.grad_accum)
+            loss_sum += loss.detach().float() / tc.grad_accum
+            for k, v in logs.items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / tc.grad_accum
+        loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
+
+        # clip, guard, step
+        grad_norm = accelerator.clip_grad_norm_(trainable, tc.max_grad_norm or float("inf"))
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        good = guard.check(step + 1, loss_value, None if tc.mixed_precision == "fp16" else grad_norm, last_ckpt)
+        if good:
+            optimizer.step()
+            if ema is not None and not getattr(optimizer, "step_was_skipped", False):
+                ema.update(raw_student)
+        optimizer.zero_grad(set_to_none=True)
+        lr = lr_scheduler.get_last_lr()[0]
+        lr_scheduler.step()
+        step += 1
+        steps_run += 1
+
+        # log and checkpoint
+        history.append({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "skipped": not good, **logs_sum})
+        hook.on_step(step, loss_value, lr=lr, phase=getattr(phase, "index", 0))
+        if good and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
+            last_ckpt = checkpoint()
+    elapsed = time.perf_counter() - t_start
+
+    # 5. output: the phase's student (EMA weights when on), loss curve, summary ----------------------
+    accelerator.wait_for_everyone()
+    if last_ckpt is None or not str(last_ckpt).endswith(f"{step:07d}"):
+        last_ckpt = checkpoint()
+    summary = {
+        "phase": _dump(phase),
+        "steps": step,
+        "steps_this_run": steps_run,
+        "resumed_from": resumed_from,
+        "final_loss": history[-1]["loss"] if history else None,
+        "samples_per_s": round(steps_run * tc.batch_size * tc.grad_accum * world / max(elapsed, 1e-9), 3),
+        "skipped_steps": sum(1 for h in history if h["skipped"]),
+        "checkpoint": str(last_ckpt),
+        "unet": str(out_dir / "unet"),
+        "ema": ema is not None,
+        "prediction_type": getattr(teacher, "prediction_type", None),
+        "time_cond_proj_dim": raw_student.config.get("time_cond_proj_dim"),
+        "timestep_spacing": getattr(getattr(method, "schedule", None), "timestep_spacing", None),
+        "world_size": world,
+    }
+    if accelerator.is_main_process:
+        export_unet = raw_student
+        if ema is not None:
+            import copy
+
+            export_unet = copy.deepcopy(raw_student)
+            ema.copy_to(export_unet)
+        if tc.gradient_checkpointing and hasattr(export_unet, "disable_gradient_checkpointing"):
+            export_unet.disable_gradient_checkpointing()
+        export_unet.save_pretrained(str(out_dir / "unet"), safe_serialization=True)
+        write_loss_curve(history, out_dir / "loss_curve.csv")
+        (out_dir / "phase.json").write_text(json.dumps(summary, indent=1))
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _dump(phase) -> dict:
+    return phase.model_dump(mode="json") if hasattr(phase, "model_dump") else dict(vars(phase))
+
+
+def write_loss_curve(history: list[dict], path: Path) -> Path:
+    """One CSV row per optimizer step (step, loss, lr, grad_norm, skipped, the method's loss terms)."""
+    keys: list[str] = []
+    for h in history:
+        keys += [k for k in h if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys or ["step", "loss"])
+        w.writeheader()
+        w.writerows(history)
+    return path
