@@ -44,6 +44,12 @@ class NoiseSchedule:
     def from_alphas_cumprod(cls, alphas_cumprod: Tensor, steps_offset: int = 1) -> "NoiseSchedule":
         return cls(alphas_cumprod.detach().float().cpu(), float(alphas_cumprod[0]), steps_offset, "leading")
 
+    def with_spacing(self, timestep_spacing: str) -> "NoiseSchedule":
+        """The same noise levels with another inference grid (``trailing`` nests: the 2N grid refines the N grid)."""
+        if timestep_spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; valid: {list(SPACINGS)}")
+        return NoiseSchedule(self.alphas_cumprod, self.final_alpha_cumprod, self.steps_offset, timestep_spacing)
+
     def timesteps(self, steps: int) -> Tensor:
         """The ``steps`` inference timesteps, descending (same values as ``DDIMScheduler.set_timesteps``)."""
         n = self.num_train_timesteps

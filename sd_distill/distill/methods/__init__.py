@@ -8,9 +8,12 @@ Interface (as agreed with the trainer; changes are listed here first):
     DistillMethod.student; DistillMethod.loss(batch, generator) -> (loss, logs)
 
 Additions beyond the brief (nothing removed or renamed):
-  * every method also exposes ``student_steps`` (steps to sample the student with), ``w_conditioned`` (sample it with
+  * every method also exposes ``schedule`` (the NoiseSchedule whose DDIM grid it trains on: the teacher's noise
+    levels with ``MethodConfig.timestep_spacing``, default "trailing" -- export should write that spacing into the
+    student's scheduler config), ``student_steps`` (steps to sample the student with), ``w_conditioned`` (sample it with
     ``ddim_sample(..., w_conditioned=True)`` / a stock pipeline without CFG) and ``prediction_type`` (the student's,
     always the teacher's);
+  * ``MethodConfig.timestep_spacing`` and ``training_schedule(cfg, teacher.schedule)`` (methods/config.py);
   * ``sample_student(method, latents, prompt_embeds, negative_embeds, guidance)`` samples the current student the way
     it is meant to be used (CFG for cfg_aware/progressive/bksdm_kd, the guidance embedding for w_conditioned);
   * ``MethodConfig`` rejects ``kind="bksdm_kd"`` with ``student_arch="same"``;
@@ -56,9 +59,9 @@ def build_method(cfg: MethodConfig, phase: PhaseSpec, teacher, teacher_unet, stu
     raise ValueError(f"unknown phase kind {phase.kind!r}; valid: cfg_aware, progressive, w_stage1, w_halving, bksdm_kd")
 
 
-def sample_student(method, schedule, latents, prompt_embeds, negative_embeds, guidance: float):
-    """Sample ``method.student`` with its own step count and guidance mode (DDIM, deterministic)."""
+def sample_student(method, latents, prompt_embeds, negative_embeds, guidance: float):
+    """Sample ``method.student`` with its own step count, DDIM grid and guidance mode (DDIM, deterministic)."""
     from sd_distill.diffusion.sampling import ddim_sample
 
-    return ddim_sample(method.student, schedule, latents, prompt_embeds, negative_embeds, method.student_steps,
+    return ddim_sample(method.student, method.schedule, latents, prompt_embeds, negative_embeds, method.student_steps,
                        guidance, method.prediction_type, w_conditioned=method.w_conditioned)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from sd_distill.diffusion.math import add_noise, convert
+from sd_distill.distill.methods.config import training_schedule
 from sd_distill.distill.methods.common import random_timesteps, randn, unpack_batch, uniform
 
 ARCHS = ("bk-base", "bk-small", "bk-tiny")
@@ -135,7 +136,7 @@ class BkSdmDistillation:
     def __init__(self, cfg, phase, teacher, teacher_unet, student_unet):
         self.cfg, self.phase = cfg, phase
         self.student, self.teacher_unet = student_unet, teacher_unet
-        self.schedule = teacher.schedule
+        self.schedule = training_schedule(cfg, teacher.schedule)
         self.prediction_type = teacher.prediction_type
         self.student_steps = phase.student_steps
         self.pairs = feature_pairs(teacher_unet.config, cfg.student_arch)

@@ -25,6 +25,7 @@ from torch import Tensor
 from sd_distill.diffusion.math import add_noise, cfg_combine, two_step_target
 from sd_distill.diffusion.sampling import guided_prediction
 from sd_distill.diffusion.math import to_x0
+from sd_distill.distill.methods.config import training_schedule
 from sd_distill.distill.methods.common import (randn, regression_loss, student_intervals, teacher_endpoint, uniform,
                                                unpack_batch)
 
@@ -40,7 +41,7 @@ class CfgAwareDistillation:
                              f"student_steps {phase.student_steps}")
         self.cfg, self.phase = cfg, phase
         self.student, self.teacher_unet = student_unet, teacher_unet
-        self.schedule = teacher.schedule
+        self.schedule = training_schedule(cfg, teacher.schedule)
         self.prediction_type = teacher.prediction_type
         self.student_steps = phase.student_steps
         self.k = phase.teacher_steps // phase.student_steps

@@ -27,6 +27,8 @@ class MethodConfig(BaseModel):
     vanilla_loss_weight: float = Field(1.0, ge=0.0)  # weight of the plain step-distillation term (no guidance)
     loss_space: Literal["x0", "epsilon", "v"] = "v"  # space the MSE is measured in (v: SnapFusion's choice)
     snr_weighting: Literal["none", "snr", "truncated_snr", "min_snr_5"] = "none"  # per-timestep weight (see math)
+    timestep_spacing: Literal["trailing", "leading", "linspace", "teacher"] = "trailing"  # student/teacher DDIM grid;
+    # trailing starts at t = T-1 and nests (the 2N grid refines the N grid); "teacher" keeps the teacher scheduler's
     progressive_start_steps: int = Field(32, ge=2)  # w_conditioned/progressive: teacher steps of the first halving
     w_embed_dim: int = Field(256, ge=2)  # w_conditioned: UNet time_cond_proj_dim (guidance embedding width)
     student_arch: Literal["same", "bk-base", "bk-small", "bk-tiny"] = "same"  # student UNet (BK-SDM block removal)
@@ -65,6 +67,13 @@ class PhaseSpec(BaseModel):
     student_steps: int  # steps the phase's student is trained to sample with
     kind: Literal["cfg_aware", "w_stage1", "w_halving", "progressive", "bksdm_kd"]  # which loss the phase uses
     w_conditioned: bool = False  # the phase's student (and, for halvings, its teacher) take a guidance embedding
+
+
+def training_schedule(cfg: MethodConfig, teacher_schedule):
+    """The teacher's noise schedule with the DDIM grid the method trains (and the student samples) on."""
+    if cfg.timestep_spacing == "teacher":
+        return teacher_schedule
+    return teacher_schedule.with_spacing(cfg.timestep_spacing)
 
 
 def plan_phases(cfg: MethodConfig) -> list[PhaseSpec]:

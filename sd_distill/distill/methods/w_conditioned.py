@@ -19,6 +19,7 @@ from torch import Tensor
 
 from sd_distill.diffusion.math import add_noise, to_x0, two_step_target
 from sd_distill.diffusion.sampling import guided_prediction
+from sd_distill.distill.methods.config import training_schedule
 from sd_distill.distill.methods.common import (random_timesteps, randn, regression_loss, student_intervals,
                                                teacher_endpoint, uniform, unpack_batch)
 
@@ -38,7 +39,7 @@ class WConditionedStage1:
         _require_w(student_unet, "student")
         self.cfg, self.phase = cfg, phase
         self.student, self.teacher_unet = student_unet, teacher_unet
-        self.schedule = teacher.schedule
+        self.schedule = training_schedule(cfg, teacher.schedule)
         self.prediction_type = teacher.prediction_type
         self.student_steps = phase.student_steps
         self.teacher_mode = "wcond" if teacher_unet.config.time_cond_proj_dim is not None else "cfg"
@@ -71,7 +72,7 @@ class WConditionedHalving:
                              f"twice student_steps ({phase.student_steps})")
         self.cfg, self.phase = cfg, phase
         self.student, self.teacher_unet = student_unet, teacher_unet
-        self.schedule = teacher.schedule
+        self.schedule = training_schedule(cfg, teacher.schedule)
         self.prediction_type = teacher.prediction_type
         self.student_steps = phase.student_steps
 
