@@ -16,6 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread: on the shared 2-core CI box two contending threads made a tiny UNet step ~20x slower.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 WORDS = ["red", "green", "blue", "circle", "square", "on", "a", "background", "white", "black"]
 CAPTIONS = ["a red circle", "a blue square", "a green circle on white", "a black square on blue"]
@@ -78,15 +82,15 @@ def tiny_cache(tmp_path_factory, tiny_teacher, tiny_curated) -> Path:
     return out
 
 
-def tiny_params(teacher: Path, **trainer):
-    """DistillParams for a seconds-long CPU run of the cfg_aware method (4 -> 2 steps) on the tiny teacher."""
+def tiny_params(teacher: Path, method: dict | None = None, **trainer):
+    """DistillParams for a seconds-long CPU run (default: cfg_aware 4 -> 2 steps) on the tiny teacher."""
     from sd_distill.distill.config import DistillParams
 
-    t = dict(max_steps=6, batch_size=2, checkpoint_every=2, log_every=1, device="cpu", lr=1e-3)
+    t = dict(max_steps=6, batch_size=2, checkpoint_every=2, log_every=1, device="cpu", lr=1e-4)
     t.update(trainer)
     return DistillParams.model_validate({
         "teacher": str(teacher),
-        "method": {"kind": "cfg_aware", "teacher_steps": 4, "student_steps": 2},
+        "method": method or {"kind": "cfg_aware", "teacher_steps": 4, "student_steps": 2},
         "trainer": t,
         "data": {"resolution": 32, "cache_dtype": "float32", "cache_batch_size": 4},
     })
