@@ -159,3 +159,18 @@ def test_read_curated_names_missing_and_mistyped_columns(tmp_path):
         read_curated(tmp_path / "s")
     with pytest.raises(FileNotFoundError, match="no part-"):
         read_curated(tmp_path)
+
+
+def test_run_curate_when_nothing_survives_collect_writes_empty_valid_outputs(tmp_path):
+    from sd_distill.curate import SourceSpec, run_curate
+    from tests._fixtures_curate import ListCaptioner
+
+    (tmp_path / "empty.csv").write_text("url,caption\n")
+    (tmp_path / "l.csv").write_text("url,caption\nhttp://h/1.png,\nhttp://h/2.png,   \n")
+    params = CurateParams(sources=[SourceSpec(kind="url_list", path=str(tmp_path / "l.csv")), SourceSpec(kind="url_list", path=str(tmp_path / "empty.csv"), name="empty")])
+    result = run_curate(params, tmp_path / "run", scorer=BrightnessScorer(), captioner=ListCaptioner([]))
+    assert result["counts"]["shards"]["per_source"] == {"url_list": {"in": 2, "kept": 0, "rejected": 2, "rejected_by_reason": {"collect/caption_empty": 2}}}
+    assert result["counts"]["collect"]["per_source"]["empty"]["in"] == 0
+    assert len(read_curated(result["shards_dir"])) == 0
+    assert result["summary"]["table"][-1] == {"source": "all", "in": 2, "downloaded": 0, "scored": 0, "kept": 0, "rejected": 2,
+                                              "rejected:collect": 2, "rejected:download": 0, "rejected:filter": 0, "rejected:recaption": 0}

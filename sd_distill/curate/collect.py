@@ -140,7 +140,7 @@ def collect_sources(params: CurateParams, out_dir: Path, progress: ProgressFn | 
                     reason[j], detail[j] = "duplicate_url", first_key_by_location[loc]
                 else:
                     first_key_by_location[loc] = rows["key"][j]
-        bad = pd.Series([r is not None for r in reason], index=rows.index)
+        bad = pd.Series([r is not None for r in reason], index=rows.index, dtype=bool)
         if bad.any():
             rejects.append(
                 rejects_frame(rows[bad], "collect", [r for r in reason if r], [d for d, r in zip(detail, reason) if r])

@@ -208,16 +208,16 @@ def download_images(
         served = samples["url"].fillna("").str.startswith(SERVED).any()
         base = stack.enter_context(serve_folder(sources_dir)) if served else None
         fetch, errors = _fetch_urls(samples, staging, base)
-        unreadable = pd.Series([e is not None for e in errors], index=samples.index)
+        unreadable = np.array([e is not None for e in errors], dtype=bool)
         if unreadable.any():
-            rejects.append(rejects_frame(samples[unreadable], "download", [e for e in errors if e]))
-        todo = pd.DataFrame({"fetch_url": fetch, "curate_key": samples["key"]})[~unreadable.values]
+            rejects.append(rejects_frame(samples.loc[unreadable], "download", [e for e in errors if e]))
+        todo = pd.DataFrame({"fetch_url": fetch, "curate_key": samples["key"].tolist()}).loc[~unreadable]
         if len(todo):
             url_list = work / "input.parquet"
             todo.to_parquet(url_list, index=False)
             _run_img2dataset(dl, url_list, output, len(todo), progress)
     results = _read_results(output, dl.encode_format).drop_duplicates("curate_key", keep="last")
-    merged = samples[~unreadable.values].merge(results, left_on="key", right_on="curate_key", how="left")
+    merged = samples.loc[~unreadable].merge(results, left_on="key", right_on="curate_key", how="left")
 
     # rows img2dataset failed on, or never reported (a crashed shard): rejected with its words
     ok = merged["status"].eq("success") & merged[dl.encode_format].notna()
