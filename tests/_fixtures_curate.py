@@ -170,16 +170,17 @@ class BrightnessScorer:
 
 
 class ListCaptioner:
-    """A stand-in captioner returning fixed captions in order; ``calls`` records batch sizes."""
+    """A stand-in captioner handing out fixed captions in order across calls; ``calls`` records call sizes."""
 
     def __init__(self, captions: list[str]):
         self.captions = list(captions)
         self.calls: list[int] = []
 
     def caption(self, images, batch_size=16):
+        done = sum(self.calls)
         self.calls.append(len(images))
-        assert len(images) == len(self.captions)
-        return list(self.captions)
+        assert done + len(images) <= len(self.captions), "more images than prepared captions"
+        return self.captions[done : done + len(images)]
 
 
 def gray_png(level: int, size: int = 8) -> bytes:

@@ -174,3 +174,17 @@ def test_run_curate_when_nothing_survives_collect_writes_empty_valid_outputs(tmp
     assert len(read_curated(result["shards_dir"])) == 0
     assert result["summary"]["table"][-1] == {"source": "all", "in": 2, "downloaded": 0, "scored": 0, "kept": 0, "rejected": 2,
                                               "rejected:collect": 2, "rejected:download": 0, "rejected:filter": 0, "rejected:recaption": 0}
+
+
+def test_recaption_in_chunks_matches_one_pass(tmp_path):
+    captions = [f"a {'bright ' if i % 3 == 0 else ''}thing {i}" for i in range(20)]
+    scored = _scored(tmp_path, [f"thing {i}" for i in range(20)])
+    small = CurateParams(caption=CaptionParams(batch_size=1), filter=FilterParams(batch_size=1))  # chunks of 8 images
+    cap = ListCaptioner(captions)
+    recaption(small, scored, tmp_path / "small", captioner=cap, scorer=BrightnessScorer())
+    assert cap.calls == [8, 8, 4]
+    recaption(CurateParams(), scored, tmp_path / "big", captioner=ListCaptioner(captions), scorer=BrightnessScorer())
+    a = pd.read_parquet(tmp_path / "small" / CAPTIONED_FILE)
+    b = pd.read_parquet(tmp_path / "big" / CAPTIONED_FILE)
+    assert a[["key", "caption", "caption_source", "extra"]].equals(b[["key", "caption", "caption_source", "extra"]])
+    assert (a["caption_source"] != "original").sum() == 7  # the "bright" captions win

@@ -112,8 +112,8 @@ class FilterParams(_Params):
     batch_size: int = Field(default=32, ge=1)
     # Keep samples with score >= threshold; None = no threshold.
     threshold: Optional[float] = None
-    # Keep the best fraction by score (ties broken by key); None = no rank filter. Half of the toy
-    # world is far more than its planted 25% bad pairs, so the default keeps clean pairs mostly.
+    # Keep the best fraction by score (ties broken by key); None = no rank filter. The toy world
+    # plants 25% bad pairs: keeping the best 70% leaves room to drop all of them.
     top_fraction: Optional[float] = Field(default=0.7, gt=0.0, le=1.0)
     # Apply threshold / top fraction within each source (True) or over all sources pooled (False);
     # per source keeps every dataset represented even when their score scales differ.

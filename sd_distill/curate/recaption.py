@@ -77,24 +77,29 @@ def recaption(
 
     generated_raw: list[str] = [""] * n
     gen = [None] * n
-    sim_o = sim_g = np.full(n, np.nan, dtype=np.float32)
+    sim_o = np.full(n, np.nan, dtype=np.float32)
+    sim_g = np.full(n, np.nan, dtype=np.float32)
     if c.enabled and n:
         if captioner is None:
             from sd_distill.captioning.blip import load_captioner
 
             captioner = load_captioner(c.captioner, prompt=c.prompt, max_new_tokens=c.max_new_tokens, device=c.device)
-        images = decode_images(df["image"])
-        generated_raw = captioner.caption(images, batch_size=c.batch_size)
-        report(progress, n, 2 * n, f"captioned {n} images")
-        gen = [clean_caption(g) for g in generated_raw]
-        if c.choose_by_similarity:
-            if scorer is None:
-                from sd_distill.scoring.hps import load_hps_scorer
+        if c.choose_by_similarity and scorer is None:
+            from sd_distill.scoring.hps import load_hps_scorer
 
-                scorer = load_hps_scorer(params.filter.hps_model, version=params.filter.hps_version, device=params.filter.device)
-            gen_text = [g.text if g.usable else "" for g in gen]
-            sim_o = pair_similarities(scorer, images, orig_text, params.filter.batch_size)
-            sim_g = pair_similarities(scorer, images, gen_text, params.filter.batch_size)
+            scorer = load_hps_scorer(params.filter.hps_model, version=params.filter.hps_version, device=params.filter.device)
+        # decoded images are the big objects: hold one chunk of them at a time
+        chunk = 8 * max(c.batch_size, params.filter.batch_size)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            images = decode_images(df["image"].iloc[start:stop])
+            generated_raw[start:stop] = captioner.caption(images, batch_size=c.batch_size)
+            gen[start:stop] = [clean_caption(g) for g in generated_raw[start:stop]]
+            if c.choose_by_similarity:
+                gen_text = [g.text if g.usable else "" for g in gen[start:stop]]
+                sim_o[start:stop] = pair_similarities(scorer, images, orig_text[start:stop], params.filter.batch_size)
+                sim_g[start:stop] = pair_similarities(scorer, images, gen_text, params.filter.batch_size)
+            report(progress, stop, n, f"captioned {stop}/{n} images")
 
     label = f"generated:{c.captioner}"
     captions, sources, why, extras, ok = [], [], [], [], []
@@ -129,7 +134,7 @@ def recaption(
     write_table(out[ok_mask], out_dir / CAPTIONED_FILE)
     bad = out[~ok_mask]
     n_rejected = write_rejects(rejects_frame(bad, "recaption", "no_usable_caption", bad["caption_reason"], bad["hps_score"]), out_dir / REJECTS_FILE)
-    report(progress, 2 * n, 2 * n, "captions chosen")
+    report(progress, n, n, "captions chosen")
     kept = out[ok_mask]
     per_source = {
         str(name): {
