@@ -1,0 +1,85 @@
+"""Retrain the shipped toy models from scratch: ``python scripts/train_toy_models.py [--only NAME] [--out DIR]``.
+
+Models (folder names under ``sd_distill/toy/assets/`` by default):
+  sd, sd-v    diffusers StableDiffusionPipeline folders (epsilon teacher; v-prediction fine-tune of it)
+  classifier  the toy attribute classifier / feature extractor (config.json + model.safetensors)
+  hps         an open_clip model folder (open_clip_config.json + open_clip_model.safetensors)
+  blip        a transformers BlipForConditionalGeneration + BlipProcessor folder
+Each trainer is deterministic on CPU; a summary (losses, timings) is written next to the models as
+``<out>/train_summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sd_distill.modelref import TOY_ASSETS  # noqa: E402
+
+MODELS = ("sd", "classifier", "hps", "blip")
+
+
+def log_progress(name: str):
+    """A ProgressFn printing one line per report (phases restart their counts, so no single bar fits)."""
+
+    def update(done: int, total: int, message: str = "") -> None:
+        print(f"[{name}] {done}/{total} {message}", flush=True)
+
+    return update
+
+
+def _fresh(folder: Path) -> Path:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def train(name: str, out: Path) -> dict:
+    """Train one model family into ``out``; returns its summary."""
+    if name == "sd":
+        from sd_distill.toy.train_sd import train_toy_sd
+
+        return train_toy_sd(_fresh(out / "sd"), v_out_dir=_fresh(out / "sd-v"), progress=log_progress("toy:sd"))
+    if name == "classifier":
+        from sd_distill.toy.train_classifier import train_toy_classifier
+
+        return train_toy_classifier(_fresh(out / "classifier"), progress=log_progress("toy:classifier"))
+    if name == "hps":
+        from sd_distill.toy.train_hps import train_toy_hps
+
+        return train_toy_hps(_fresh(out / "hps"), progress=log_progress("toy:hps"))
+    if name == "blip":
+        from sd_distill.toy.train_blip import train_toy_blip
+
+        return train_toy_blip(_fresh(out / "blip"), progress=log_progress("toy:blip"))
+    raise ValueError(f"unknown toy model {name!r}; valid: {MODELS}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=MODELS, action="append", help="train only this model (repeatable)")
+    parser.add_argument("--out", type=Path, default=TOY_ASSETS, help=f"output folder (default {TOY_ASSETS})")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary_path = args.out / "train_summary.json"
+    summaries = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    for name in args.only or MODELS:
+        t0 = time.perf_counter()
+        summaries[name] = train(name, args.out)
+        summaries[name]["wall_s"] = round(time.perf_counter() - t0, 1)
+        summary_path.write_text(json.dumps(summaries, indent=1, default=str))
+        print(f"{name}: {summaries[name]['wall_s']} s -> {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
