@@ -16,3 +16,19 @@ def resolve_store_root(store_root: str | None) -> str:
     if "://" in root:
         return root
     return str(Path(root).expanduser().resolve())
+
+
+def curated_manifest(curated: str, store_root: str):
+    """A curated stage's manifest from a stage folder / URL, or ``latest`` (newest curate/shards in the store)."""
+    from sd_distill.store import StageStore, load_manifest
+
+    if curated == "latest":
+        found = StageStore(store_root).manifests("curate/shards")
+        if not found:
+            raise FileNotFoundError(f"no curated dataset in {store_root}/curate/shards: run the curate flow first "
+                                    "or pass curated=<stage folder>")
+        return found[-1]
+    manifest = load_manifest(curated)
+    if manifest.stage != "curate/shards":
+        raise ValueError(f"{curated} is a {manifest.stage!r} stage, not curated shards (curate/shards)")
+    return manifest

@@ -1,0 +1,103 @@
+"""The whole DAG, ``curate-and-distill``: curate -> distill -> evaluate (teacher vs student).
+
+Each stage is a subflow whose steps are cached stages in the store, so a retried run resumes at the
+stage that failed. On a cluster, ``stage_deployments`` sends distill / evaluate to their own
+deployments on a GPU work pool (``run_deployment``); by default every stage runs inline. Run locally::
+
+    make demo                                           # server, worker, deployment run, summary
+    python -m flows.curate_and_distill                  # inline, no deployment
+    prefect deployment run curate-and-distill/default --params "$(cat my-run.json)"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger
+from prefect.concurrency.sync import concurrency
+from prefect.deployments import run_deployment
+from pydantic import BaseModel, ConfigDict
+
+from flows._common import resolve_store_root
+from flows.curate import curate as curate_flow
+from flows.distill import distill as distill_flow
+from flows.evaluate import evaluate as evaluate_flow
+from sd_distill.curate.config import CurateParams
+from sd_distill.distill.config import DistillParams
+from sd_distill.evaluate.config import EvaluateParams, ModelSpec
+from sd_distill.store import Manifest
+from sd_distill.summary import run_summary
+
+
+class StageDeployments(BaseModel):
+    """Where each stage runs: None = inline in this flow run; "<flow>/<deployment>" = its own deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    curate: Optional[str] = None  # e.g. "curate/default" on a CPU pool
+    distill: Optional[str] = None  # e.g. "distill/gpu" on a GPU pool (deploy/prefect.yaml)
+    evaluate: Optional[str] = None  # e.g. "evaluate/gpu"
+
+
+# GPU stages take a slot of this global concurrency limit (`prefect gcl create gpu --limit 1` per GPU box);
+# without the limit defined it is a no-op.
+GPU_LIMIT = "gpu"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def run_stage(flow_fn, deployment: Optional[str], gpu: bool, **kwargs) -> Manifest:
+    """Run a stage flow inline, or as its deployment (waiting for it) when one is named."""
+    with concurrency(GPU_LIMIT, occupy=1, strict=False) if gpu else _nothing():
+        if not deployment:
+            return flow_fn(**kwargs)
+        logger = get_run_logger()
+        run = run_deployment(deployment, parameters={k: _jsonable(v) for k, v in kwargs.items()}, timeout=None)
+        logger.info("stage %s ran as flow run %s: %s", deployment, run.id, run.state.name)
+        if not run.state.is_completed():
+            raise RuntimeError(f"stage deployment {deployment} ended {run.state.name}: {run.state.message}")
+        return run.state.result()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@flow(name="curate-and-distill", persist_result=True, log_prints=True)
+def curate_and_distill(
+    curate: CurateParams = CurateParams(),
+    distill: DistillParams = DistillParams(),
+    evaluate: Optional[EvaluateParams] = None,
+    store_root: str = "",
+    stage_deployments: StageDeployments = StageDeployments(),
+) -> str:
+    """curate -> distill -> evaluate; ``evaluate=None`` evaluates on the embedded toy world's prompts."""
+    root = resolve_store_root(store_root)
+    shards = run_stage(curate_flow, stage_deployments.curate, False, params=curate, store_root=root)
+    student = run_stage(distill_flow, stage_deployments.distill, True, params=distill, curated=shards.uri, store_root=root)
+    s = distill.method.student_steps
+    models = [
+        ModelSpec(name="teacher", ref=distill.teacher, kind="teacher"),
+        ModelSpec(name="student", ref=student.uri, kind="student", steps=sorted({s // 2, s} - {0}, reverse=True)),
+    ]
+    report = run_stage(evaluate_flow, stage_deployments.evaluate, True, models=models, params=evaluate, store_root=root)
+    summary = run_summary(shards, student, report)
+    if "://" not in root:
+        (Path(root) / "latest-summary.md").write_text(summary)
+    print(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    curate_and_distill()

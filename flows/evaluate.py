@@ -1,0 +1,52 @@
+"""The evaluate flow: DPM-Solver++ at 8/16/20 steps, FID / IS / CLIP on COCO-2017, HPSv2 on its benchmark.
+
+Wraps ``sd_distill.evaluate``: one stage per model (images resumable per prompt batch, metrics,
+latency), then the report (table in the reference layout, teacher-vs-student grids, metric plots)
+as files in the store and as Prefect artifacts. Run locally::
+
+    python -m flows.evaluate                                  # toy teacher, toy prompts
+    prefect deployment run evaluate/gpu -p models='[{"name": "sd15", "ref": "runwayml/stable-diffusion-v1-5"}]'
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from prefect import flow
+
+from flows._common import resolve_store_root
+from sd_distill.evaluate.config import EvaluateParams, ModelSpec, toy_evaluate_params
+from sd_distill.store import Manifest
+from tasks import evaluate as t
+
+# The toy world's held-out prompt set (issue 6): 40 COCO-style prompts, 10 per HPSv2 style.
+TOY_PROMPTS = {"n": 40, "seed": 1000, "per_style": 10}
+
+
+def toy_params(prompts: Manifest, **overrides) -> EvaluateParams:
+    """EvaluateParams for the toy world, pointing at a toy prompt stage."""
+    root = prompts.path
+    return toy_evaluate_params(
+        str(root), coco_captions=str(root / "coco" / "annotations" / "captions_val2017.json"),
+        coco_images=str(root / "coco" / "val2017"), hpsv2_benchmark=str(root / "hps_benchmark"), **overrides,
+    )
+
+
+@flow(name="evaluate", persist_result=True, log_prints=True)
+def evaluate(
+    models: list[ModelSpec] = [ModelSpec(name="teacher", ref="toy:sd")],
+    params: Optional[EvaluateParams] = None,
+    store_root: str = "",
+) -> Manifest:
+    """Evaluate ``models``; ``params=None`` means the embedded toy world's prompts and metric models."""
+    root = resolve_store_root(store_root)
+    if params is None:
+        params = toy_params(t.toy_prompts(TOY_PROMPTS, [], root))
+    per_model = [t.evaluate_model((params, m), [], root, suffix=m.name) for m in models]
+    report = t.build_report(params, per_model, root)
+    print(t.publish_report(report))
+    return report
+
+
+if __name__ == "__main__":
+    print(evaluate().uri)

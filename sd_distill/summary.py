@@ -1,0 +1,45 @@
+"""The end-of-run summary a person reads: counts, scores, the results table, where everything is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _counts_lines(counts: dict[str, Any]) -> list[str]:
+    lines = []
+    per_source = counts.get("per_source") or counts.get("sources")
+    scalars = {k: v for k, v in counts.items() if isinstance(v, (int, float, str))}
+    if scalars:
+        lines.append(", ".join(f"{k}: {v}" for k, v in scalars.items()))
+    if isinstance(per_source, dict):
+        lines.append("")
+        lines.append("| source | " + " | ".join(sorted({k for v in per_source.values() for k in v if not isinstance(v[k], dict)})) + " |")
+        keys = sorted({k for v in per_source.values() for k in v if not isinstance(v[k], dict)})
+        lines.append("|---" * (len(keys) + 1) + "|")
+        for name, row in per_source.items():
+            lines.append(f"| {name} | " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+    return lines
+
+
+def run_summary(curated, student, report, ui_url: str | None = None) -> str:
+    """Markdown summary of one curate-and-distill run from its three stage manifests."""
+    out = ["# curate-and-distill: run summary", ""]
+    out += ["## Curate", f"Shards: `{curated.uri}`", ""] + _counts_lines(curated.counts) + [""]
+    out += ["## Distill", f"Student pipeline: `{student.uri}`"]
+    config_file = Path(student.uri) / "distill_config.json"
+    if "://" not in student.uri and config_file.exists():
+        config = json.loads(config_file.read_text())
+        method = config.get("params", {}).get("method", {})
+        if method:
+            out.append(f"Method: `{method.get('kind')}`, teacher {method.get('teacher_steps')} -> student "
+                       f"{method.get('student_steps')} steps; prediction type `{config.get('prediction_type')}`")
+    out += [""] + _counts_lines(student.counts) + [""]
+    out += ["## Evaluate", f"Report: `{report.uri}` (table.md, table.csv, grids/, metrics_vs_steps.png)", ""]
+    table = Path(report.uri) / "table.md"
+    if "://" not in report.uri and table.exists():
+        out += [table.read_text().strip(), ""]
+    if ui_url:
+        out += [f"Prefect UI: {ui_url}"]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,76 @@
+"""Prefect tasks of the distill stage: latent cache, one task per training phase, export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from sd_distill.distill import data, export
+from sd_distill.distill.methods import plan_phases
+from tasks._artifacts import publish_image, publish_markdown
+from tasks._stage import stage_task, work_dir
+from tasks._subprocess import run_streaming
+
+
+def _cache_key(p):
+    return {"teacher": p.teacher, "data": p.data}
+
+
+@stage_task("distill/cache", key_of=_cache_key, description="distill: encoding latents and prompts")
+def build_latent_cache(params, upstream, store_root):
+    """VAE latents + text embeddings of the curated shards, computed once."""
+    return lambda out, inputs, progress: data.cache_latents(params, inputs[0], out, progress)
+
+
+def launcher(num_processes: int) -> list[str]:
+    """``python -m`` for one process; ``accelerate launch`` for several (GPUs)."""
+    if num_processes <= 1:
+        return [sys.executable, "-m"]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "-m"]
+
+
+@stage_task("distill/phase", retries=1, description="distill: training")
+def train_phase(params, upstream, store_root, suffix):
+    """Train one phase in a subprocess (``accelerate launch`` on GPUs), resuming from its last checkpoint."""
+    phases = {p.name: p for p in plan_phases(params.method)}
+    phase = phases[suffix]
+
+    def fn(out: Path, inputs: list[Path], progress) -> dict:
+        work = work_dir()  # checkpoints here survive a failed attempt; a retry resumes from them
+        params_file = work / "params.json"
+        params_file.write_text(params.model_dump_json())
+        cmd = launcher(params.trainer.num_processes) + [
+            "sd_distill.distill.train", "--params", str(params_file), "--phase", str(phase.index),
+            "--cache", str(inputs[0]), "--out", str(work / "phase"), "--resume",
+        ]
+        if len(inputs) > 1:
+            cmd += ["--previous", str(inputs[1])]
+        events = run_streaming(cmd, progress)
+        for item in (work / "phase").iterdir():
+            if item.name != "checkpoints":
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
+        done = next((e for e in reversed(events) if e.get("event") == "done"), {})
+        shutil.rmtree(work, ignore_errors=True)
+        return {k: v for k, v in done.items() if k != "event" and isinstance(v, (int, float, str))}
+
+    return fn
+
+
+@stage_task("distill/student", key_of=lambda p: p, description="distill: exporting the student")
+def export_student(params, upstream, store_root):
+    """The last phase's student as a stock diffusers pipeline folder, with config and loss curve."""
+    return lambda out, inputs, progress: export.export_student(params, inputs[1:], out, progress)
+
+
+def publish_student(manifest) -> None:
+    folder = manifest.path
+    publish_image(folder / "loss_curve.png", "distill-loss-curve", "distillation loss per step, all phases")
+    config = json.loads((folder / "distill_config.json").read_text()) if (folder / "distill_config.json").exists() else {}
+    lines = [f"**Student pipeline:** `{folder}`", "",
+             "Load it with `StableDiffusionPipeline.from_pretrained(path)`.", ""]
+    for key in ("method", "prediction_type", "student_steps", "w_conditioned", "sampling"):
+        if key in config:
+            lines.append(f"- {key}: `{json.dumps(config[key])[:300]}`")
+    publish_markdown("\n".join(lines), "distill-student", "the distilled student")

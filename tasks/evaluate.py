@@ -1,0 +1,91 @@
+"""Prefect tasks of the evaluate stage: the prompt set, one stage per model, the report."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from prefect.artifacts import create_table_artifact
+
+from sd_distill.evaluate import report as report_lib
+from sd_distill.evaluate import run as lib
+from sd_distill.toy.sources import make_eval_prompts
+from tasks._artifacts import publish_image, publish_markdown
+from tasks._stage import stage_task
+
+
+@stage_task("evaluate/toy-prompts", description="evaluate: toy-world held-out prompts")
+def toy_prompts(params, upstream, store_root):
+    """Held-out toy prompts + reference images in the COCO and HPSv2-benchmark file layouts."""
+
+    def fn(out, inputs, progress):
+        paths = make_eval_prompts(out, n=params["n"], seed=params["seed"], per_style=params["per_style"])
+        return {"prompts": params["n"], "per_style": params["per_style"], "files": len(paths)}
+
+    return fn
+
+
+def _model_key(p):
+    return p  # (EvaluateParams, ModelSpec) pair: every field matters
+
+
+@stage_task("evaluate/model", key_of=_model_key, description="evaluate: generating and scoring")
+def evaluate_model(params, upstream, store_root, suffix):
+    """One model at all its step counts: images (resumable per batch), metrics, latency -> records."""
+    eval_params, model = params
+
+    def fn(out, inputs, progress):
+        summary = lib.evaluate(eval_params, [model], out, progress)
+        (out / "records.json").write_text(json.dumps(_relative(summary["records"], out), indent=1))
+        return {"rows": summary["rows"]}
+
+    return fn
+
+
+def _relative(records: list[dict], base: Path) -> list[dict]:
+    """Image folders relative to the stage folder (it is renamed into place after it is written)."""
+    rows = []
+    for r in records:
+        r = dict(r)
+        r["images"] = {k: str(Path(v).relative_to(base)) for k, v in r.get("images", {}).items()}
+        rows.append(r)
+    return rows
+
+
+def load_records(manifest) -> list[dict]:
+    records = json.loads((manifest.path / "records.json").read_text())
+    for r in records:
+        r["images"] = {k: str(manifest.path / v) for k, v in r["images"].items()}
+    return records
+
+
+@stage_task("evaluate/report", key_of=lambda p: p, description="evaluate: report")
+def build_report(params, upstream, store_root):
+    """The results table (md / csv / json), image grids and metric plots over every model stage."""
+
+    def fn(out, inputs, progress):
+        from sd_distill.store import load_manifest
+
+        records = [r for folder in inputs for r in load_records(load_manifest(folder))]
+        summary = report_lib.build_report(params, records, out)
+        return {"rows": summary["rows"]}
+
+    return fn
+
+
+def publish_report(manifest) -> str:
+    folder = manifest.path
+    table = None
+    if (folder / "table.csv").exists():
+        with open(folder / "table.csv", newline="") as f:
+            table = list(csv.DictReader(f))
+    markdown = (folder / "table.md").read_text()
+    if table:
+        create_table_artifact(key="evaluate-results", table=table, description=f"results table ({folder})")
+    publish_markdown(markdown, "evaluate-table", "results table (reference layout)")
+    for grid in sorted((folder / "grids").glob("*.png")):
+        publish_image(grid, f"evaluate-grid-{grid.stem.lower().replace('_', '-')}",
+                      f"teacher vs student, same prompts and seeds: {grid.stem}")
+    publish_image(folder / "metrics_vs_steps.png", "evaluate-metrics-vs-steps", "each metric vs sampling steps")
+    return markdown
