@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[test]"
+	# hpsv2 is only the reference for the scorer's parity test; it pins pytest==7.2.0 and protobuf<4, hence --no-deps.
+	$(BIN)/pip install -q --no-deps hpsv2==1.2.0
 	# img2dataset pulls the Python 3.6 `dataclasses` backport, which breaks Prefect's server: remove it.
 	$(BIN)/pip uninstall -y -q dataclasses || true
 	touch $(STAMP)

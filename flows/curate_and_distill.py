@@ -99,5 +99,45 @@ def curate_and_distill(
     return summary
 
 
+def load_run_file(path: str | Path) -> dict[str, Any]:
+    """A whole run in one YAML / JSON file, validated against the flow's parameter models.
+
+    Keys: curate, distill, evaluate, store_root, stage_deployments (all optional). Unknown keys and
+    invalid values fail here, naming the field, before anything runs.
+    """
+    import yaml
+
+    text = Path(path).read_text()
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a run file holds a mapping of curate/distill/evaluate/store_root/stage_deployments")
+    known = {"curate": CurateParams, "distill": DistillParams, "evaluate": EvaluateParams,
+             "stage_deployments": StageDeployments, "store_root": str}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; valid: {sorted(known)}")
+    params: dict[str, Any] = {}
+    for key, value in raw.items():
+        model = known[key]
+        params[key] = value if model is str else model.model_validate(value or {})
+    return params
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m flows.curate_and_distill", description="run the DAG inline")
+    p.add_argument("--config", help="a run file (YAML / JSON); none = the embedded toy world")
+    p.add_argument("--print-params", action="store_true",
+                   help="print the validated parameters as JSON (for `prefect deployment run --params`) and exit")
+    args = p.parse_args(argv)
+    params = load_run_file(args.config) if args.config else {}
+    if args.print_params:
+        print(json.dumps({k: _jsonable(v) for k, v in params.items()}))
+        return
+    curate_and_distill(**params)
+
+
 if __name__ == "__main__":
-    curate_and_distill()
+    main()

@@ -1,0 +1,38 @@
+"""Run files (configs/*.yaml) validate against the flow's parameter models; bad ones fail naming the field."""
+
+from pathlib import Path
+
+import pytest
+
+from flows.curate_and_distill import load_run_file, main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_run_files_validate(path):
+    params = load_run_file(path)
+    assert "distill" in params or "curate" in params
+
+
+def test_unknown_top_level_key_is_named(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("curate: {}\ndistil: {}\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['distil'\]"):
+        load_run_file(bad)
+
+
+def test_invalid_field_fails_before_anything_runs(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("distill:\n  method: {kind: magic}\n")
+    with pytest.raises(Exception, match="kind"):
+        load_run_file(bad)
+
+
+def test_print_params_gives_json_for_prefect_deployment_run(tmp_path, capsys):
+    import json
+
+    main(["--config", str(CONFIGS[0]), "--print-params"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["distill"]["method"]["student_steps"] == 8
+    assert printed["stage_deployments"]["distill"] == "distill/gpu"
