@@ -183,3 +183,18 @@ def test_collect_validates_every_source_before_writing_anything(tmp_path):
     with pytest.raises(SourceFormatError, match="coco.json: invalid JSON"):
         collect_sources(params, tmp_path / "out")
     assert not (tmp_path / "out" / SAMPLES_FILE).exists()
+
+
+def test_sources_read_from_fsspec_urls(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    local = write_laion_parquet(tmp_path / "a.parquet", ["http://h/1.png"], ["from memory"])
+    fs.pipe("/curate-test/laion/part-0.parquet", local.read_bytes())
+    fs.pipe("/curate-test/laion/part-1.parquet", local.read_bytes())
+    df = read_source(SourceSpec(kind="laion_parquet", path="memory://curate-test/laion"))
+    assert df["caption_raw"].tolist() == ["from memory", "from memory"]  # a folder of parquet parts
+    fs.pipe("/curate-test/l.jsonl", b'{"url": "http://h/2.png", "caption": "jsonl in memory"}\n')
+    assert read_source(SourceSpec(kind="url_list", path="memory://curate-test/l.jsonl"))["url"].tolist() == ["http://h/2.png"]
+    with pytest.raises(SourceFormatError, match="memory://curate-test/none.csv: file not found"):
+        read_source(SourceSpec(kind="url_list", path="memory://curate-test/none.csv"))

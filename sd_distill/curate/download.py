@@ -40,13 +40,14 @@ from PIL import Image
 from sd_distill.curate.collect import SAMPLES_FILE
 from sd_distill.curate.config import CurateParams, DownloadParams
 from sd_distill.curate.schema import (
+    DOWNLOADED_SCHEMA,
     IMAGE_COLUMNS,
     REJECTS_FILE,
     SAMPLE_COLUMNS,
+    TableWriter,
     read_table,
     rejects_frame,
     write_rejects,
-    write_table,
 )
 from sd_distill.progress import ProgressFn, report
 
@@ -163,14 +164,6 @@ def rgb_image_bytes(data: bytes, encode_format: str, quality: int) -> tuple[byte
     return buf.getvalue(), rgb.width, rgb.height, f"converted {mode} to RGB"
 
 
-def _read_results(output: Path, encode_format: str) -> pd.DataFrame:
-    files = sorted(output.glob("*.parquet"))
-    cols = ["curate_key", "status", "error_message", encode_format, "original_width", "original_height"]
-    if not files:
-        return pd.DataFrame(columns=cols)
-    return pd.concat([pq.read_table(f, columns=cols).to_pandas() for f in files], ignore_index=True)
-
-
 def _with_extra(extra: str, **fields) -> str:
     d = json.loads(extra) if extra else {}
     d.update({k: v for k, v in fields.items() if v is not None})
@@ -216,22 +209,49 @@ def download_images(
             url_list = work / "input.parquet"
             todo.to_parquet(url_list, index=False)
             _run_img2dataset(dl, url_list, output, len(todo), progress)
-    results = _read_results(output, dl.encode_format).drop_duplicates("curate_key", keep="last")
-    merged = samples.loc[~unreadable].merge(results, left_on="key", right_on="curate_key", how="left")
+    # one img2dataset shard at a time (memory: one shard's images), in sample order
+    todo_samples = samples.loc[~unreadable].assign(_order=np.arange(int((~unreadable).sum())))
+    first_by_hash: dict[str, str] = {}
+    kept_per_source: dict[str, int] = {}
+    seen: set[str] = set()
+    with TableWriter(out_dir / DOWNLOADED_FILE, DOWNLOADED_SCHEMA) as writer:
+        for shard in _result_shards(output, dl.encode_format):
+            shard = shard[~shard["curate_key"].isin(seen)].drop_duplicates("curate_key", keep="last")
+            seen.update(shard["curate_key"])
+            merged = todo_samples.merge(shard, left_on="key", right_on="curate_key", how="inner").sort_values("_order")
+            kept, shard_rejects = _shard_images(merged, dl, first_by_hash)
+            writer.write(kept)
+            rejects.extend(shard_rejects)
+            for name, count in kept["source"].value_counts().items():
+                kept_per_source[name] = kept_per_source.get(name, 0) + int(count)
+    # rows img2dataset never reported (a shard that crashed twice): rejected, not lost
+    missing = todo_samples[~todo_samples["key"].isin(seen)]
+    if len(missing):
+        rejects.append(rejects_frame(missing, "download", "img2dataset returned no result (shard failed)"))
+    n_kept = writer.rows
+    n_rejected = write_rejects(rejects, out_dir / REJECTS_FILE)
+    if not persistent:
+        shutil.rmtree(work, ignore_errors=True)  # raw shards duplicate downloaded.parquet once it is written
+    assert n_kept + n_rejected == n, f"download accounting does not close: {n_kept} + {n_rejected} != {n}"
+    report(progress, n, n, f"{n_kept} images")
+    return _counts(samples, kept_per_source, pd.concat(rejects, ignore_index=True) if rejects else None)
 
-    # rows img2dataset failed on, or never reported (a crashed shard): rejected with its words
-    ok = merged["status"].eq("success") & merged[dl.encode_format].notna()
+
+def _result_shards(output: Path, encode_format: str):
+    cols = ["curate_key", "status", "error_message", encode_format, "original_width", "original_height"]
+    for f in sorted(output.glob("*.parquet")):
+        yield pq.read_table(f, columns=cols).to_pandas()
+
+
+def _shard_images(merged: pd.DataFrame, dl: DownloadParams, first_by_hash: dict[str, str]) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
+    """(kept rows, reject frames) of one shard: failures with img2dataset's words, RGB conversion, sha256 de-duplication."""
+    rejects = []
+    ok = (merged["status"] == "success") & merged[dl.encode_format].notna()
     failed = merged[~ok]
     if len(failed):
-        reason = [
-            str(e).strip() if isinstance(e, str) and e else ("img2dataset returned no result (shard failed)" if s != s or s is None else str(s))
-            for e, s in zip(failed["error_message"], failed["status"])
-        ]
+        reason = [str(e).strip() if isinstance(e, str) and e.strip() else f"img2dataset status {st}" for e, st in zip(failed["error_message"], failed["status"])]
         rejects.append(rejects_frame(failed, "download", reason))
-
-    # convert to RGB, hash the stored bytes, drop exact duplicate images (first in sample order kept)
     kept_rows, bad_rows, bad_reasons, dup_rows, dup_of = [], [], [], [], []
-    first_by_hash: dict[str, str] = {}
     for row in merged[ok].itertuples(index=False):
         try:
             data, w, h, note = rgb_image_bytes(getattr(row, dl.encode_format), dl.encode_format, dl.quality)
@@ -240,7 +260,7 @@ def download_images(
             bad_reasons.append(f"image unreadable after resize: {type(e).__name__}: {e}")
             continue
         digest = hashlib.sha256(data).hexdigest()
-        if digest in first_by_hash:
+        if digest in first_by_hash:  # the first in sample order is kept
             dup_rows.append(row._asdict())
             dup_of.append(first_by_hash[digest])
             continue
@@ -253,30 +273,22 @@ def download_images(
         rejects.append(rejects_frame(pd.DataFrame(bad_rows), "download", bad_reasons))
     if dup_rows:
         rejects.append(rejects_frame(pd.DataFrame(dup_rows), "download", "duplicate_image", dup_of))
-
-    downloaded = pd.DataFrame(kept_rows, columns=SAMPLE_COLUMNS + IMAGE_COLUMNS)
-    write_table(downloaded, out_dir / DOWNLOADED_FILE)
-    n_rejected = write_rejects(rejects, out_dir / REJECTS_FILE)
-    if not persistent:
-        shutil.rmtree(work, ignore_errors=True)  # raw shards duplicate downloaded.parquet once it is written
-    assert len(downloaded) + n_rejected == n, f"download accounting does not close: {len(downloaded)} + {n_rejected} != {n}"
-    report(progress, n, n, f"{len(downloaded)} images")
-    return _counts(samples, downloaded, pd.concat(rejects, ignore_index=True) if rejects else None)
+    return pd.DataFrame(kept_rows, columns=SAMPLE_COLUMNS + IMAGE_COLUMNS), rejects
 
 
 def _int(v) -> int | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
 
 
-def _counts(samples: pd.DataFrame, kept: pd.DataFrame, rejects: pd.DataFrame | None) -> dict:
+def _counts(samples: pd.DataFrame, kept_per_source: dict[str, int], rejects: pd.DataFrame | None) -> dict:
     per_source = {}
     for name, group in samples.groupby("source", sort=True):
-        k = int((kept["source"] == name).sum())
+        k = kept_per_source.get(name, 0)
         per_source[str(name)] = {"in": int(len(group)), "downloaded": k, "rejected": int(len(group) - k)}
     reasons = {} if rejects is None else {str(k): int(v) for k, v in rejects["reason"].value_counts().items()}
     return {
         "in": int(len(samples)),
-        "downloaded": int(len(kept)),
+        "downloaded": int(sum(kept_per_source.values())),
         "rejected": int(0 if rejects is None else len(rejects)),
         "reasons": reasons,
         "per_source": per_source,

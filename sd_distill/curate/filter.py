@@ -27,7 +27,17 @@ from PIL import Image
 
 from sd_distill.curate.config import CurateParams, FilterParams
 from sd_distill.curate.download import DOWNLOADED_FILE
-from sd_distill.curate.schema import IMAGE_COLUMNS, REJECTS_FILE, SAMPLE_COLUMNS, read_table, rejects_frame, write_rejects, write_table
+from sd_distill.curate.schema import (
+    IMAGE_COLUMNS,
+    REJECTS_FILE,
+    SAMPLE_COLUMNS,
+    SCORED_SCHEMA,
+    TableWriter,
+    iter_table,
+    read_table,
+    rejects_frame,
+    write_rejects,
+)
 from sd_distill.progress import ProgressFn, report
 
 SCORED_FILE = "scored.parquet"
@@ -40,17 +50,6 @@ def decode_images(blobs) -> list[Image.Image]:
         with Image.open(io.BytesIO(b)) as im:
             out.append(im.convert("RGB"))
     return out
-
-
-def hps_scores(scorer, images_bytes, prompts: list[str], batch_size: int, progress: ProgressFn | None = None) -> np.ndarray:
-    """HPS score per pair, decoding images one scorer batch at a time (memory stays at one batch)."""
-    scores = np.empty(len(prompts), dtype=np.float32)
-    blobs = list(images_bytes)
-    for start in range(0, len(prompts), batch_size):
-        stop = min(start + batch_size, len(prompts))
-        scores[start:stop] = scorer.score(decode_images(blobs[start:stop]), prompts[start:stop], batch_size=batch_size)
-        report(progress, stop, len(prompts), "HPS scoring")
-    return scores
 
 
 def keep_mask(scores: np.ndarray, keys: list[str], groups: list[str], f: FilterParams) -> tuple[np.ndarray, list[str | None]]:
@@ -93,30 +92,46 @@ def score_and_filter(
     f = params.filter
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    df = read_table(downloaded_dir, DOWNLOADED_FILE, SAMPLE_COLUMNS + IMAGE_COLUMNS)
+    required = SAMPLE_COLUMNS + IMAGE_COLUMNS
     if scorer is None:
         from sd_distill.scoring.hps import load_hps_scorer
 
         scorer = load_hps_scorer(f.hps_model, version=f.hps_version, device=f.device)
     version = str(getattr(scorer, "version", f.hps_version))
-    scores = hps_scores(scorer, df["image"], df["caption_original"].tolist(), f.batch_size, progress)
-    kept, reasons = keep_mask(scores, df["key"].tolist(), df["source"].tolist(), f)
+    # pass 1: scores, reading one batch of images at a time (the keep rule needs all scores first)
+    meta = read_table(downloaded_dir, DOWNLOADED_FILE, required, columns=["key", "source"])
+    n = len(meta)
+    scores = np.empty(n, dtype=np.float32)
+    done = 0
+    for batch in iter_table(downloaded_dir, DOWNLOADED_FILE, required, f.batch_size, columns=["image", "caption_original"]):
+        scores[done : done + len(batch)] = scorer.score(decode_images(batch["image"]), batch["caption_original"].tolist(), batch_size=f.batch_size)
+        done += len(batch)
+        report(progress, done, n, f"HPS {version} scoring")
+    kept, reasons = keep_mask(scores, meta["key"].tolist(), meta["source"].tolist(), f)
 
     details = []
-    for r, s in zip(reasons, scores):
+    for r, sc in zip(reasons, scores):
         if r == "hps_below_threshold":
-            details.append(f"score {s:.4f} < threshold {f.threshold:g}")
+            details.append(f"score {sc:.4f} < threshold {f.threshold:g}")
         elif r == "hps_not_in_top_fraction":
             details.append(f"outside the top {f.top_fraction:g} {'of its source' if f.per_source else 'overall'}")
         else:
             details.append(None)
-    out = df.assign(hps_score=scores, hps_version=version)
-    write_table(out[kept], out_dir / SCORED_FILE)
-    rej = out[~kept]
-    n_rejected = write_rejects(
-        rejects_frame(rej, "filter", [reasons[i] for i in np.flatnonzero(~kept)], [details[i] for i in np.flatnonzero(~kept)], rej["hps_score"]),
-        out_dir / REJECTS_FILE,
-    )
+    # pass 2: copy the kept rows with their scores, batch by batch
+    rejects, start = [], 0
+    with TableWriter(out_dir / SCORED_FILE, SCORED_SCHEMA) as writer:
+        for batch in iter_table(downloaded_dir, DOWNLOADED_FILE, required, 1024):
+            stop = start + len(batch)
+            batch = batch.assign(hps_score=scores[start:stop], hps_version=version)
+            keep = kept[start:stop]
+            writer.write(batch[keep])
+            rej = batch[~keep]
+            idx = start + np.flatnonzero(~keep)
+            if len(rej):
+                rejects.append(rejects_frame(rej, "filter", [reasons[i] for i in idx], [details[i] for i in idx], rej["hps_score"]))
+            start = stop
+    n_rejected = write_rejects(rejects, out_dir / REJECTS_FILE)
+    out = meta.assign(hps_score=scores)
     per_source = {}
     for name, g in out.assign(kept=kept).groupby("source", sort=True):
         per_source[str(name)] = {
@@ -127,7 +142,7 @@ def score_and_filter(
         }
     reason_counts = pd.Series([r for r in reasons if r]).value_counts()
     return {
-        "in": int(len(df)),
+        "in": int(n),
         "kept": int(kept.sum()),
         "rejected": n_rejected,
         "hps_version": version,

@@ -28,14 +28,17 @@ import pandas as pd
 from sd_distill.curate.config import CurateParams
 from sd_distill.curate.filter import SCORED_FILE, decode_images
 from sd_distill.curate.schema import (
+    CAPTION_COLUMNS,
+    CAPTIONED_SCHEMA,
     IMAGE_COLUMNS,
     REJECTS_FILE,
     SAMPLE_COLUMNS,
     SCORE_COLUMNS,
+    TableWriter,
+    iter_table,
     read_table,
     rejects_frame,
     write_rejects,
-    write_table,
 )
 from sd_distill.progress import ProgressFn, report
 
@@ -70,7 +73,8 @@ def recaption(
     c = params.caption
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    df = read_table(scored_dir, SCORED_FILE, SAMPLE_COLUMNS + IMAGE_COLUMNS + SCORE_COLUMNS)
+    required = SAMPLE_COLUMNS + IMAGE_COLUMNS + SCORE_COLUMNS
+    df = read_table(scored_dir, SCORED_FILE, required, columns=["key", "source", "url", "caption_original", "extra", "hps_score"])
     n = len(df)
     originals = [clean_caption(t) for t in df["caption_original"]]
     orig_text = [o.text if o.usable else "" for o in originals]
@@ -90,9 +94,10 @@ def recaption(
             scorer = load_hps_scorer(params.filter.hps_model, version=params.filter.hps_version, device=params.filter.device)
         # decoded images are the big objects: hold one chunk of them at a time
         chunk = 8 * max(c.batch_size, params.filter.batch_size)
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            images = decode_images(df["image"].iloc[start:stop])
+        start = 0
+        for batch in iter_table(scored_dir, SCORED_FILE, required, chunk, columns=["image"]):
+            stop = start + len(batch)
+            images = decode_images(batch["image"])
             generated_raw[start:stop] = captioner.caption(images, batch_size=c.batch_size)
             gen[start:stop] = [clean_caption(g) for g in generated_raw[start:stop]]
             if c.choose_by_similarity:
@@ -100,6 +105,7 @@ def recaption(
                 sim_o[start:stop] = pair_similarities(scorer, images, orig_text[start:stop], params.filter.batch_size)
                 sim_g[start:stop] = pair_similarities(scorer, images, gen_text, params.filter.batch_size)
             report(progress, stop, n, f"captioned {stop}/{n} images")
+            start = stop
 
     label = f"generated:{c.captioner}"
     captions, sources, why, extras, ok = [], [], [], [], []
@@ -131,7 +137,14 @@ def recaption(
 
     out = df.assign(caption=captions, caption_source=sources, caption_reason=why, extra=extras)
     ok_mask = np.array(ok, dtype=bool)
-    write_table(out[ok_mask], out_dir / CAPTIONED_FILE)
+    with TableWriter(out_dir / CAPTIONED_FILE, CAPTIONED_SCHEMA) as writer:  # images copied batch by batch
+        start = 0
+        for batch in iter_table(scored_dir, SCORED_FILE, required, 1024):
+            stop = start + len(batch)
+            new = out.iloc[start:stop][["extra", *CAPTION_COLUMNS]].set_index(batch.index)
+            batch = batch.drop(columns=["extra"]).join(new)
+            writer.write(batch[ok_mask[start:stop]])
+            start = stop
     bad = out[~ok_mask]
     n_rejected = write_rejects(rejects_frame(bad, "recaption", "no_usable_caption", bad["caption_reason"], bad["hps_score"]), out_dir / REJECTS_FILE)
     report(progress, n, n, "captions chosen")

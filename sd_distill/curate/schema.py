@@ -14,13 +14,25 @@ The final shards' schema, ``CURATED_COLUMNS``, lives in ``shards.py`` with its c
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SAMPLE_COLUMNS = ["key", "source", "url", "local_path", "caption_original", "extra"]
+_STR = pa.string()
+SAMPLE_SCHEMA = pa.schema(
+    [("key", _STR), ("source", _STR), ("url", _STR), ("local_path", _STR), ("caption_original", _STR), ("extra", _STR)]
+)
+DOWNLOADED_SCHEMA = SAMPLE_SCHEMA.append(pa.field("image", pa.binary())).append(pa.field("width", pa.int32())).append(
+    pa.field("height", pa.int32())
+).append(pa.field("sha256", _STR))
+SCORED_SCHEMA = DOWNLOADED_SCHEMA.append(pa.field("hps_score", pa.float32())).append(pa.field("hps_version", _STR))
+CAPTIONED_SCHEMA = SCORED_SCHEMA.append(pa.field("caption", _STR)).append(pa.field("caption_source", _STR)).append(
+    pa.field("caption_reason", _STR)
+)
+SAMPLE_COLUMNS = SAMPLE_SCHEMA.names
 IMAGE_COLUMNS = ["image", "width", "height", "sha256"]
 SCORE_COLUMNS = ["hps_score", "hps_version"]
 CAPTION_COLUMNS = ["caption", "caption_source", "caption_reason"]
@@ -91,13 +103,56 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
     pq.write_table(pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False), path)
 
 
-def read_table(folder: Path, name: str, required: list[str]) -> pd.DataFrame:
+def read_table(folder: Path, name: str, required: list[str], columns: list[str] | None = None) -> pd.DataFrame:
     """A step's table, with the columns the next step needs checked (names the file and what is missing)."""
     path = Path(folder) / name
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; is {Path(folder)} the output folder of the previous step?")
-    df = pq.read_table(path).to_pandas()
-    missing = [c for c in required if c not in df.columns]
+    names = pq.read_schema(path).names
+    missing = [c for c in required if c not in names]
     if missing:
-        raise ValueError(f"{path}: missing columns {missing} (found {list(df.columns)})")
-    return df
+        raise ValueError(f"{path}: missing columns {missing} (found {names})")
+    return pq.read_table(path, columns=columns).to_pandas()
+
+
+class TableWriter:
+    """Appends DataFrames to one Parquet file with a fixed schema (so all-null batches keep their types).
+
+    ``with TableWriter(path, schema) as w: w.write(df)``; the file exists, with its schema, even when
+    nothing was written. ``rows`` counts what was written.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.schema, self.rows = Path(path), schema, 0
+        self._writer = pq.ParquetWriter(self.path, schema)
+
+    def write(self, df: pd.DataFrame) -> None:
+        if len(df):
+            self._writer.write_table(pa.Table.from_pandas(df[self.schema.names], schema=self.schema, preserve_index=False))
+            self.rows += len(df)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            if self.rows == 0:
+                self._writer.write_table(self.schema.empty_table())
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "TableWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def iter_table(folder: Path, name: str, required: list[str], batch_rows: int = 1024, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
+    """A step's table in batches of at most ``batch_rows`` rows, columns checked first (like ``read_table``)."""
+    path = Path(folder) / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; is {Path(folder)} the output folder of the previous step?")
+    pf = pq.ParquetFile(path)
+    missing = [c for c in required if c not in pf.schema_arrow.names]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing} (found {pf.schema_arrow.names})")
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+        yield batch.to_pandas()

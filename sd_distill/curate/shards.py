@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from sd_distill.curate.collect import SAMPLES_FILE
 from sd_distill.curate.config import CurateParams
 from sd_distill.curate.recaption import CAPTIONED_FILE
-from sd_distill.curate.schema import REJECT_COLUMNS, REJECTS_FILE, read_rejects, read_table, write_rejects
+from sd_distill.curate.schema import REJECT_COLUMNS, REJECTS_FILE, TableWriter, iter_table, read_rejects, read_table, write_rejects
 
 # column -> (pyarrow type check, what it must be); the written schema of every part file
 CURATED_TYPES = {
@@ -60,7 +60,8 @@ def write_shards(params: CurateParams, captioned_dir: Path, upstream_rejects: Se
     """
     captioned_dir, out_dir = Path(captioned_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kept = read_table(captioned_dir, CAPTIONED_FILE, CURATED_COLUMNS + EXTRA_COLUMNS)
+    required = CURATED_COLUMNS + EXTRA_COLUMNS
+    kept = read_table(captioned_dir, CAPTIONED_FILE, required, columns=["key", "source"])
     folders = [Path(d) for d in upstream_rejects]
     all_rejects = [read_rejects(d) for d in folders + [captioned_dir]]
     rejects = pd.concat([r for r in all_rejects if len(r)] or [all_rejects[0]], ignore_index=True)[REJECT_COLUMNS]
@@ -92,12 +93,24 @@ def write_shards(params: CurateParams, captioned_dir: Path, upstream_rejects: Se
         if collect_dir is not None:
             assert per_source[name]["in"] == int((collected["source"] == name).sum()), f"accounting does not close for {name}"
 
-    kept = kept.sort_values("key", kind="stable").reset_index(drop=True)  # deterministic part contents
-    n_parts = 0
-    for start in range(0, max(len(kept), 1), params.shard_rows):
-        part = kept.iloc[start : start + params.shard_rows][CURATED_SCHEMA.names]
-        pq.write_table(pa.Table.from_pandas(part, schema=CURATED_SCHEMA, preserve_index=False), out_dir / f"part-{n_parts:05d}.parquet")
-        n_parts += 1
+    # parts of shard_rows rows, in the captioned file's (deterministic) order, one batch in memory at a time
+    n_parts, writer = 0, None
+    for batch in iter_table(captioned_dir, CAPTIONED_FILE, required, params.shard_rows):
+        while len(batch):
+            if writer is None:
+                writer = TableWriter(out_dir / f"part-{n_parts:05d}.parquet", CURATED_SCHEMA)
+                n_parts += 1
+            take = params.shard_rows - writer.rows
+            writer.write(batch.iloc[:take])
+            batch = batch.iloc[take:]
+            if writer.rows >= params.shard_rows:
+                writer.close()
+                writer = None
+    if writer is not None:
+        writer.close()
+    if n_parts == 0:  # nothing kept: one empty part keeps the schema readable
+        TableWriter(out_dir / "part-00000.parquet", CURATED_SCHEMA).close()
+        n_parts = 1
     write_rejects(rejects, out_dir / REJECTS_FILE)
     return {
         "in": int(len(kept) + len(rejects)),
