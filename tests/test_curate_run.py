@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pandas as pd
 import pytest
 
 from sd_distill.curate import CURATED_COLUMNS, CaptionParams, CurateParams, DownloadParams, FilterParams, SourceSpec, read_curated, run_curate

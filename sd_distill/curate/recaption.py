@@ -23,7 +23,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from sd_distill.curate.config import CurateParams
 from sd_distill.curate.filter import SCORED_FILE, decode_images

@@ -173,7 +173,7 @@ def read_url_list(spec: SourceSpec) -> pd.DataFrame:
     for path in _expand(spec.path, None):
         fmt = spec.format or _format_from_name(path)
         df = _read_table(path, fmt)
-        _require(path, df.columns, [spec.url_col, spec.caption_col], f"a URL list (url_col, caption_col)")
+        _require(path, df.columns, [spec.url_col, spec.caption_col], "a URL list (url_col, caption_col)")
         urls = [None if (u is None or (isinstance(u, float) and np.isnan(u))) else str(u) for u in df[spec.url_col]]
         frames.append(_table(urls, None, df[spec.caption_col], _extras(df, [spec.url_col, spec.caption_col])))
     return pd.concat(frames, ignore_index=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from sd_distill.curate.filter import score_quantiles
 from sd_distill.curate.schema import read_rejects
