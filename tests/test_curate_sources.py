@@ -198,3 +198,24 @@ def test_sources_read_from_fsspec_urls(tmp_path):
     assert read_source(SourceSpec(kind="url_list", path="memory://curate-test/l.jsonl"))["url"].tolist() == ["http://h/2.png"]
     with pytest.raises(SourceFormatError, match="memory://curate-test/none.csv: file not found"):
         read_source(SourceSpec(kind="url_list", path="memory://curate-test/none.csv"))
+
+
+def test_toy_sources_keep_stable_keys_and_relative_local_paths_when_the_folder_moves(tmp_path):
+    import shutil
+
+    from sd_distill.curate.download import resolve_local_path
+
+    params = CurateParams(sources=[SourceSpec(kind="toy", toy_n=12, toy_seed=5)])
+    collect_sources(params, tmp_path / "a.tmp-123")
+    collect_sources(params, tmp_path / "b")
+    a = pd.read_parquet(tmp_path / "a.tmp-123" / SAMPLES_FILE)
+    b = pd.read_parquet(tmp_path / "b" / SAMPLES_FILE)
+    assert a["key"].tolist() == b["key"].tolist() and len(a) == 12
+    local = a["local_path"].dropna().tolist()
+    assert local and not any(str(tmp_path) in p for p in local)  # relative to the collect folder
+    shutil.move(tmp_path / "a.tmp-123", tmp_path / "a")  # the stage store renames the folder when done
+    import fsspec
+
+    for p in local:
+        with fsspec.open(resolve_local_path(p, tmp_path / "a"), "rb") as f:
+            assert f.read(4) == b"\x89PNG"

@@ -12,7 +12,8 @@ download starts. Row-level problems do not stop it; they become rejects (stage `
   ``detail`` holds the key of the row that was kept.
 
 Keys are stable: a hash of the source name, the image location and the caption (plus a counter
-for exact repeats), so rerunning on the same files gives the same keys.
+for exact repeats), so rerunning on the same files gives the same keys. Local images inside the
+output folder (the toy world's) are stored relative to it; all others keep their absolute path or URL.
 """
 
 from __future__ import annotations
@@ -58,6 +59,24 @@ def toy_source_specs(spec: SourceSpec, out_dir: Path) -> list[SourceSpec]:
     if not specs:
         raise ValueError(f"make_toy_sources wrote no source files it could read: {sorted(paths)}")
     return specs
+
+
+def relative_local_path(local, root: Path):
+    """``local`` relative to ``root`` when it lies inside it (also behind ``zip://member::``), else unchanged.
+
+    The toy world writes its local images inside the collect folder, which the stage store renames
+    after the step: paths stored relative to it stay valid (the download step resolves them).
+    """
+    if not isinstance(local, str) or not local:
+        return local
+    prefix, _, target = local.rpartition("::") if local.startswith("zip://") else ("", "", local)
+    if "://" in target:
+        return local
+    try:
+        rel = Path(target).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return local
+    return f"{prefix}::{rel}" if prefix else rel
 
 
 def _caption_text(raw) -> tuple[str, str | None]:
@@ -113,13 +132,14 @@ def collect_sources(params: CurateParams, out_dir: Path, progress: ProgressFn | 
     first_key_by_location: dict[str, str] = {}
     for spec, df in tables:
         texts, reasons = zip(*(_caption_text(c) for c in df["caption_raw"])) if len(df) else ((), ())
-        locators = [u if isinstance(u, str) and u else (p or "") for u, p in zip(df["url"], df["local_path"])]
+        local = [relative_local_path(p, out_dir) for p in df["local_path"]]
+        locators = [u if isinstance(u, str) and u else (p or "") for u, p in zip(df["url"], local)]
         rows = pd.DataFrame(
             {
                 "key": _stable_keys(spec.name, locators, list(texts)),
                 "source": spec.name,
                 "url": df["url"].tolist(),
-                "local_path": df["local_path"].tolist(),
+                "local_path": local,
                 "caption_original": list(texts),
                 "extra": df["extra"].tolist(),
             },

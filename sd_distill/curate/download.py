@@ -91,6 +91,14 @@ def _child_main(args_file: str) -> None:
 
 
 # -- inputs ---------------------------------------------------------------------------------------
+def resolve_local_path(path: str, sources_dir: Path) -> str:
+    """A collected ``local_path`` as an absolute path / fsspec URL (relative ones are inside ``sources_dir``)."""
+    prefix, _, target = path.rpartition("::") if path.startswith("zip://") else ("", "", path)
+    if "://" not in target and not Path(target).is_absolute():
+        target = str(Path(sources_dir).resolve() / target)
+    return f"{prefix}::{target}" if prefix else target
+
+
 def _stage_local(key: str, path: str, staging: Path) -> str:
     """A ``file://`` URL img2dataset can read for a local path or fsspec URL (zip members are copied out)."""
     if "://" not in path or path.startswith("file://"):
@@ -104,13 +112,13 @@ def _stage_local(key: str, path: str, staging: Path) -> str:
     return "file://" + str(target.resolve())
 
 
-def _fetch_urls(samples: pd.DataFrame, staging: Path, served_base: str | None) -> tuple[list[str | None], list[str | None]]:
+def _fetch_urls(samples: pd.DataFrame, sources_dir: Path, staging: Path, served_base: str | None) -> tuple[list[str | None], list[str | None]]:
     """(fetch URL, error) per sample: served:// rewritten to the loopback server, local files staged."""
     urls, errors = [], []
     for key, url, local in zip(samples["key"], samples["url"], samples["local_path"]):
         try:
             if isinstance(local, str) and local:
-                urls.append(_stage_local(key, local, staging))
+                urls.append(_stage_local(key, resolve_local_path(local, sources_dir), staging))
             elif url.startswith(SERVED):
                 urls.append(f"{served_base}/{url[len(SERVED):]}")
             else:
@@ -200,7 +208,7 @@ def download_images(
     with ExitStack() as stack:
         served = samples["url"].fillna("").str.startswith(SERVED).any()
         base = stack.enter_context(serve_folder(sources_dir)) if served else None
-        fetch, errors = _fetch_urls(samples, staging, base)
+        fetch, errors = _fetch_urls(samples, sources_dir, staging, base)
         unreadable = np.array([e is not None for e in errors], dtype=bool)
         if unreadable.any():
             rejects.append(rejects_frame(samples.loc[unreadable], "download", [e for e in errors if e]))
