@@ -17,6 +17,7 @@ PROMPTS = ["a red cat", "a blue dog"]
 
 _FOLDERS: dict[str, Path] = {}
 _TEACHERS: dict[str, object] = {}
+_BASE: dict[str, object] = {}
 
 
 @pytest.fixture(autouse=True)
@@ -28,26 +29,57 @@ def single_thread():
     torch.set_num_threads(before)
 
 
+def pretrain_unet(unet, prediction_type: str, cond, uncond, steps: int = 120, lr: float = 2e-3, seed: int = 0):
+    """A short denoising pre-training of the tiny teacher UNet on a fixed batch (SD's objective for its prediction
+    type, every other sample on the empty prompt), so its sampler has real structure -- a systematic N-vs-2N-step
+    gap -- instead of a random-weight teacher's noise amplification."""
+    from sd_distill.diffusion.math import add_noise, alphas_sigmas, convert
+    from sd_distill.tiny.sd import ddim_scheduler
+
+    acp = ddim_scheduler().alphas_cumprod
+    g = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    x0 = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
+    text = torch.cat([cond, uncond.expand_as(cond)])
+    opt = torch.optim.Adam(unet.parameters(), lr=lr)
+    unet.train()
+    for _ in range(steps):
+        t = torch.randint(0, 1000, (4,), generator=g)
+        a, s = alphas_sigmas(acp, t)
+        eps = torch.randn(x0.shape, generator=g)
+        z = add_noise(x0, eps, a, s)
+        target = convert(eps, z, a, s, "epsilon", prediction_type)
+        loss = (unet(z, t, encoder_hidden_states=text).sample - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    unet.eval()
+    return unet
+
+
 def teacher_folder(root: Path, prediction_type: str) -> Path:
-    """A tiny SD pipeline folder with the given prediction type (weights shared across types)."""
-    from sd_distill.tiny.sd import build_tiny_sd_pipeline
+    """A tiny SD pipeline folder of the given prediction type, its UNet briefly pre-trained for that type."""
+    import copy
+
+    from sd_distill.tiny.sd import build_tiny_sd_pipeline, ddim_scheduler
 
     if prediction_type in _FOLDERS:
         return _FOLDERS[prediction_type]
-    if "epsilon" not in _FOLDERS:
-        base = root / "teacher-epsilon"
-        build_tiny_sd_pipeline(base, prediction_type="epsilon", words=WORDS, unet_blocks=(16, 32, 32),
-                               vae_blocks=(8, 16, 16), seed=0)
-        _FOLDERS["epsilon"] = base
-    if prediction_type != "epsilon":
-        folder = root / f"teacher-{prediction_type}"
-        shutil.copytree(_FOLDERS["epsilon"], folder)
-        cfg_path = folder / "scheduler" / "scheduler_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["prediction_type"] = prediction_type
-        cfg_path.write_text(json.dumps(cfg))
-        _FOLDERS[prediction_type] = folder
-    return _FOLDERS[prediction_type]
+    if "pipe" not in _BASE:
+        _BASE["pipe"] = build_tiny_sd_pipeline(None, words=WORDS, unet_blocks=(16, 32, 32), vae_blocks=(8, 16, 16))
+    pipe = _BASE["pipe"]
+    with torch.no_grad():
+        tok = pipe.tokenizer(PROMPTS + [""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             return_tensors="pt")
+        emb = pipe.text_encoder(tok.input_ids)[0]
+    base_unet = pipe.unet
+    pipe.unet = pretrain_unet(copy.deepcopy(base_unet), prediction_type, emb[:2], emb[2:])
+    pipe.scheduler = ddim_scheduler(prediction_type)
+    folder = root / f"teacher-{prediction_type}"
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    pipe.unet = base_unet
+    _FOLDERS[prediction_type] = folder
+    return folder
 
 
 @pytest.fixture(scope="session")
