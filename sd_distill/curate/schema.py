@@ -2,7 +2,8 @@
 
 Every step's table is a Parquet file in its stage folder:
 
-- ``samples.parquet`` (collect): ``SAMPLE_COLUMNS``;
+- ``samples.parquet`` (collect): ``SAMPLE_COLUMNS`` (``local_path``: an absolute path or fsspec URL, or
+  a path relative to the collect folder for images stored inside it; ``extra``: a JSON object);
 - ``downloaded.parquet`` (download): ``SAMPLE_COLUMNS`` + image, width, height, sha256;
 - ``scored.parquet`` (filter): + hps_score, hps_version;
 - ``captioned.parquet`` (recaption): + caption, caption_source, caption_reason;
