@@ -23,7 +23,7 @@ def _events(stdout):
 
 
 @pytest.mark.slow
-def test_cli_trains_a_phase_and_streams_progress_then_resumes_as_a_no_op(tiny_teacher, tiny_cache, tmp_path):
+def test_cli_trains_a_phase_and_streams_progress_as_json_lines(tiny_teacher, tiny_cache, tmp_path):
     params = tmp_path / "params.json"
     params.write_text(tiny_params(tiny_teacher, max_steps=3).model_dump_json())
     args = ["--params", str(params), "--phase", "0", "--cache", str(tiny_cache), "--out", str(tmp_path / "p")]
