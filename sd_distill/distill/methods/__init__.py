@@ -20,7 +20,12 @@ Additions beyond the brief (nothing removed or renamed):
   * BK-SDM: ``bk-base`` keeps the mid block (BK-SDM's model card: base = fewer blocks in the outer stages, small =
     base without the mid block, tiny = small without the innermost down / outermost up stage).
   * ``bksdm_kd`` phases: teacher_steps == student_steps (the student is sampled with as many steps as the teacher);
-  * a teacher whose UNet is w-conditioned must be sampled with mode "wcond"; ``w_halving`` phases check it.
+  * a teacher whose UNet is w-conditioned must be sampled with mode "wcond"; ``w_halving`` phases check it;
+  * ``BkSdmDistillation.close()`` removes its feature hooks (call it when the phase ends);
+  * a phase's ``teacher_unet`` for later phases is the previous phase's student (eval, requires_grad False), loaded
+    from that phase's output folder; ``make_student`` copies it (block removal only happens in phase 0);
+  * loss logs always contain "loss"; cfg_aware/progressive add "loss_cfg", "loss_vanilla", "t_mean",
+    "guidance_mean"; bksdm_kd adds "loss_task", "loss_kd_out", "loss_kd_feat".
 """
 
 from __future__ import annotations
