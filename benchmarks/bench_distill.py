@@ -16,6 +16,10 @@ FLOPs per step are counted by ``torch.utils.flop_counter.FlopCounterMode`` on on
 checkpointing off (matmuls, convolutions, attention: teacher forwards + student forward and backward), so the
 recomputation of checkpointing is not counted (model FLOPs utilisation). MFU = FLOPs/step x steps/s / peak,
 with the card's dense bf16 peak (H100/H200 SXM: 989 TFLOPS; override with ``--peak-tflops``).
+
+Measured once (cfg_aware 16 -> 8, epsilon teacher, batch 4, bf16, 30 s budget), NVIDIA H100 80GB HBM3:
+39.0 TFLOP/step (~12 UNet forward-equivalents per sample: 6 teacher forwards, student forward on 2B + backward);
+checkpointing off 12.1 samples/s, 118 TFLOPS, MFU 12.0 %, 22.4 GiB peak; on 9.2 samples/s, MFU 9.1 %, 17.8 GiB.
 """
 
 from __future__ import annotations

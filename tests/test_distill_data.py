@@ -93,3 +93,10 @@ def test_micro_batches_cover_each_epoch_once_and_split_across_processes():
     assert two[0] + two[1] == micro_batch_indices(n, 4, 0, 0)
     assert micro_batch_indices(n, b, 7, seed=0) == micro_batch_indices(n, b, 7, seed=0)
     assert micro_batch_indices(n, b, 5, 0) != micro_batch_indices(n, b, 5, 1) or micro_batch_indices(n, b, 6, 0) != micro_batch_indices(n, b, 6, 1)
+
+
+def test_native_resolution_is_unet_sample_size_times_the_vae_factor(tiny_teacher):
+    from sd_distill.distill.data import native_resolution
+    from sd_distill.distill.teacher import load_teacher
+
+    assert native_resolution(load_teacher(str(tiny_teacher))) == 32  # 8x8 latents, VAE with 3 blocks (/4)

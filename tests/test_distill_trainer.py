@@ -175,3 +175,27 @@ def test_bad_input_fails_before_training(tiny_teacher, tiny_cache, tmp_path):
         tiny_params(tiny_teacher, mixed_precision="fp8")
     with pytest.raises(FileNotFoundError, match="not a latent cache"):
         train_phase(tiny_params(tiny_teacher), _phase(params), tmp_path / "nocache", tmp_path / "r")
+
+
+def test_resume_refuses_a_checkpoint_of_other_parameters_and_a_fresh_start_discards_old_ones(tiny_teacher, tiny_cache, tmp_path):
+    params = tiny_params(tiny_teacher, max_steps=2, checkpoint_every=1)
+    train_phase(params, _phase(params), tiny_cache, tmp_path / "p")
+    other = tiny_params(tiny_teacher, max_steps=2, lr=5e-4)
+    with pytest.raises(ValueError, match="cannot resume.*trainer.lr"):
+        train_phase(other, _phase(other), tiny_cache, tmp_path / "p", resume=True)
+    longer = tiny_params(tiny_teacher, max_steps=3, checkpoint_every=1)  # more steps may be added on resume
+    assert train_phase(longer, _phase(longer), tiny_cache, tmp_path / "p", resume=True)["steps_this_run"] == 1
+    fresh = tiny_params(tiny_teacher, max_steps=1, checkpoint_every=1)
+    train_phase(fresh, _phase(fresh), tiny_cache, tmp_path / "p", resume=False)
+    assert sorted(p.name for p in (tmp_path / "p" / "checkpoints").iterdir()) == ["step-0000001"]
+
+
+def test_pixel_cache_is_vae_encoded_during_training_like_the_latent_cache(tiny_teacher, tiny_curated, tiny_cache, tmp_path):
+    from sd_distill.distill.data import build_latent_cache
+
+    build_latent_cache(str(tiny_teacher), tiny_curated, tmp_path / "pixels", resolution=32, dtype="float32",
+                       cache_latents=False, device="cpu")
+    params = tiny_params(tiny_teacher, max_steps=2)
+    a = train_phase(params, _phase(params), tiny_cache, tmp_path / "a")
+    b = train_phase(params, _phase(params), tmp_path / "pixels", tmp_path / "b")
+    assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-4)

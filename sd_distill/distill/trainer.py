@@ -18,6 +18,7 @@ import contextlib
 import csv
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -119,9 +120,7 @@ def train_phase(
         student = make_student(params.method, teacher_unet, phase)
     student = student.to(device, torch.float32).train()
     student.requires_grad_(True)
-    teacher_unet.requires_grad_(False).eval().to(device, frozen_dtype)
-    if teacher_unet is not teacher.unet:
-        teacher.unet.requires_grad_(False).eval().to(device, frozen_dtype)
+    teacher_unet.requires_grad_(False).eval().to(device, frozen_dtype)  # the original UNet stays on the CPU if unused
     for unet in (student, teacher_unet):
         use_sdpa(unet)
     if tc.gradient_checkpointing:
@@ -144,7 +143,11 @@ def train_phase(
     # 3. resume ---------------------------------------------------------------------------------------
     step, data_position, history, resumed_from = 0, 0, [], None
     last_ckpt = latest_checkpoint(ckpt_root) if resume else None
+    if not resume and accelerator.is_main_process and ckpt_root.exists():
+        shutil.rmtree(ckpt_root)  # starting over: older checkpoints must not outrank the new ones
+    accelerator.wait_for_everyone()
     if last_ckpt is not None:
+        check_resumable(last_ckpt, params, phase, world)
         state = load_checkpoint(last_ckpt, student=raw_student, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                 generator=generator, ema=ema, grad_scaler=accelerator.scaler, rank=rank)
         step, data_position, history = state["step"], state["data_position"], state["history"]
@@ -239,6 +242,32 @@ def train_phase(
         (out_dir / "phase.json").write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
     return summary
+
+
+# parameters that may change between an interrupted run and its resumption without changing the result
+RESUME_MAY_CHANGE = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints"}
+
+
+def check_resumable(folder: Path, params: DistillParams, phase, world: int) -> None:
+    """Refuse to resume a checkpoint written for other parameters, another phase or another process count."""
+    state = json.loads((Path(folder) / "trainer_state.json").read_text())
+    now, then = _flat(params.model_dump(mode="json")), _flat(state["params"])
+    diff = sorted(k for k in now.keys() | then.keys()
+                  if now.get(k) != then.get(k) and not (k.startswith("trainer.") and k[8:] in RESUME_MAY_CHANGE))
+    if diff or state["phase"] != _dump(phase) or state["world_size"] != world:
+        raise ValueError(
+            f"cannot resume from {folder}: it was written with different "
+            f"{'parameters ' + ', '.join(diff) if diff else 'phase or process count'} "
+            f"(phase {state['phase'].get('name')}, {state['world_size']} process(es)); use a fresh out_dir or resume=False"
+        )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"trainer": {"lr": 1}} -> {"trainer.lr": 1}"""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _dump(phase) -> dict:
