@@ -5,8 +5,8 @@ Models (folder names under ``sd_distill/toy/assets/`` by default):
   classifier  the toy attribute classifier / feature extractor (config.json + model.safetensors)
   hps         an open_clip model folder (open_clip_config.json + open_clip_model.safetensors)
   blip        a transformers BlipForConditionalGeneration + BlipProcessor folder
-Each trainer is deterministic on CPU; a summary (losses, timings) is written next to the models as
-``<out>/train_summary.json``.
+Each trainer is deterministic on CPU; its summary (config, losses, held-out accuracy, timings) is written
+into the model's folder as ``train_summary.json`` (``sd/train_summary.json`` covers sd and sd-v).
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
-def train(name: str, out: Path) -> dict:
+def train(name: str, out: Path, device: str = "cpu") -> dict:
     """Train one model family into ``out``; returns its summary."""
     if name == "sd":
-        from sd_distill.toy.train_sd import train_toy_sd
+        from sd_distill.toy.train_sd import ToySDConfig, train_toy_sd
 
-        return train_toy_sd(_fresh(out / "sd"), v_out_dir=_fresh(out / "sd-v"), progress=log_progress("toy:sd"))
+        return train_toy_sd(_fresh(out / "sd"), ToySDConfig(device=device), v_out_dir=_fresh(out / "sd-v"), progress=log_progress("toy:sd"))
     if name == "classifier":
         from sd_distill.toy.train_classifier import train_toy_classifier
 
@@ -68,16 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=MODELS, action="append", help="train only this model (repeatable)")
     parser.add_argument("--out", type=Path, default=TOY_ASSETS, help=f"output folder (default {TOY_ASSETS})")
+    parser.add_argument("--device", default="cpu", help="torch device for the SD trainer (the others always run on CPU)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    summary_path = args.out / "train_summary.json"
-    summaries = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     for name in args.only or MODELS:
         t0 = time.perf_counter()
-        summaries[name] = train(name, args.out)
-        summaries[name]["wall_s"] = round(time.perf_counter() - t0, 1)
-        summary_path.write_text(json.dumps(summaries, indent=1, default=str))
-        print(f"{name}: {summaries[name]['wall_s']} s -> {args.out}", flush=True)
+        summary = train(name, args.out, args.device)
+        summary["wall_s"] = round(time.perf_counter() - t0, 1)
+        (args.out / name / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        print(f"{name}: {summary['wall_s']} s -> {args.out / name}: {json.dumps(summary, default=str)}", flush=True)
     return 0
 
 

@@ -1,6 +1,7 @@
 """The toy world's attribute classifier: reads a scene's objects back from pixels; also the toy "Inception".
 
-A small CNN (three conv stages, global average pool -> ``pool`` features) with one linear head per
+A small CNN (three conv stages, a 4x4 average pool kept spatial so positions survive, one linear layer
+-> ``pool`` features) with one linear head per
 attribute of the canonical scene description (:func:`sd_distill.toy.world.canonical`: two objects are
 ordered top-then-bottom or left-then-right):
 
@@ -45,9 +46,10 @@ def targets_for(truth: Mapping) -> dict[str, int]:
 class ToyAttributeClassifier(nn.Module):
     """CNN over [N, 3, S, S] images in [0, 1] (resized to ``image_size``); heads per attribute."""
 
-    def __init__(self, image_size: int = 32, widths: Sequence[int] = (32, 64, 128)):
+    def __init__(self, image_size: int = 32, widths: Sequence[int] = (16, 32, 64), feature_dim: int = 128):
         super().__init__()
-        self.config = {"_class_name": type(self).__name__, "image_size": image_size, "widths": list(widths)}
+        self.config = {"_class_name": type(self).__name__, "image_size": image_size, "widths": list(widths),
+                       "feature_dim": feature_dim}
         layers, c_in = [], 3
         for i, w in enumerate(widths):
             layers += [nn.Conv2d(c_in, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
@@ -55,13 +57,15 @@ class ToyAttributeClassifier(nn.Module):
             if i < len(widths) - 1:
                 layers.append(nn.AvgPool2d(2))
             c_in = w
+        # a global average would forget where things are (above / left of); a 4x4 grid keeps it
+        layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(c_in * 16, feature_dim), nn.SiLU()]
         self.body = nn.Sequential(*layers)
-        self.heads = nn.ModuleDict({name: nn.Linear(c_in, len(classes)) for name, classes in HEADS.items()})
-        self.primary = nn.Linear(c_in, len(COLORS) * len(SHAPES))  # (color1, shape1) jointly: the IS classes
+        self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, len(classes)) for name, classes in HEADS.items()})
+        self.primary = nn.Linear(feature_dim, len(COLORS) * len(SHAPES))  # (color1, shape1) jointly: the IS classes
 
     @property
     def feature_dim(self) -> int:
-        return self.config["widths"][-1]
+        return self.config["feature_dim"]
 
     def _pool(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -70,7 +74,7 @@ class ToyAttributeClassifier(nn.Module):
         x = images.float()
         if x.shape[-2:] != (size, size):
             x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return self.body(x * 2 - 1).mean(dim=(2, 3))
+        return self.body(x * 2 - 1)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per head (and ``primary``: the 18 first-object classes)."""
@@ -136,6 +140,6 @@ class ToyAttributeClassifier(nn.Module):
         config = json.loads((folder / CONFIG_FILE).read_text())
         if config.get("_class_name") != cls.__name__:
             raise ValueError(f"{folder / CONFIG_FILE}: _class_name is {config.get('_class_name')!r}, expected {cls.__name__!r}")
-        model = cls(image_size=config["image_size"], widths=config["widths"])
+        model = cls(image_size=config["image_size"], widths=config["widths"], feature_dim=config["feature_dim"])
         model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
         return model.eval()

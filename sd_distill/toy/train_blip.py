@@ -4,8 +4,9 @@ Built by :func:`sd_distill.tiny.blip.build_tiny_blip` (ViT image encoder + BERT-
 cross-attention, ``BertTokenizer`` over the toy vocabulary) and trained with BLIP's captioning loss
 (Li et al. 2022, sec. 3.2, "LM"): next-token cross-entropy of the caption given the image,
 ``L = - sum_t log p(w_t | w_<t, image)``, the decoder input starting with ``[DEC]`` as BLIP's
-``generate`` does. Targets are the canonical captions of clean scenes, so greedy decoding produces
-captions :func:`sd_distill.toy.world.parse_caption` reads back. Saved with ``save_pretrained``
+``generate`` does. Targets are the canonical captions of clean scenes (objects ordered top-then-bottom or
+left-then-right, so every image has exactly one right caption and the loss has no irreducible part), so
+greedy decoding produces captions :func:`sd_distill.toy.world.parse_caption` reads back. Saved with ``save_pretrained``
 (model + ``BlipProcessor``), the folder ``sd_distill.captioning.blip.load_captioner`` reads.
 """
 
@@ -19,7 +20,7 @@ import torch
 from pydantic import BaseModel
 
 from sd_distill.progress import ProgressFn, report
-from sd_distill.toy.world import WORDS, caption_accuracy, make_samples
+from sd_distill.toy.world import WORDS, canonical, caption_accuracy, caption_for, make_samples
 
 
 class ToyBlipConfig(BaseModel):
@@ -30,7 +31,7 @@ class ToyBlipConfig(BaseModel):
     heads: int = 4  # attention heads
     n_train: int = 2000  # clean training scenes
     n_val: int = 100  # held-out scenes for the reported caption accuracy
-    steps: int = 800  # optimizer steps
+    steps: int = 2000  # optimizer steps
     batch: int = 64  # batch size
     lr: float = 2e-3  # AdamW peak learning rate (one-cycle schedule)
     seed: int = 0  # scenes, init and batches
@@ -57,7 +58,7 @@ def train_toy_blip(out_dir: str | Path, cfg: ToyBlipConfig | None = None, progre
 
     samples = make_samples(cfg.n_train, seed=cfg.seed + 70, bad_fraction=0.0, image_size=cfg.image_size, prefix="blip")
     pixels = processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]
-    enc = tok([s.true_caption for s in samples], padding="longest", return_tensors="pt")
+    enc = tok([caption_for(canonical(s.truth)) for s in samples], padding="longest", return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     unknown = int((ids == tok.unk_token_id).sum())
     if unknown:

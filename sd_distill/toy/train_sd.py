@@ -37,17 +37,19 @@ class ToySDConfig(BaseModel):
     vae_blocks: tuple[int, ...] = (16, 32, 32)  # AutoencoderKL block widths (3 blocks: /4)
     unet_blocks: tuple[int, ...] = (32, 64, 64)  # UNet block widths at 8x8, 4x4, 2x2 latents
     unet_layers_per_block: int = 1  # resnets per UNet block (SD uses 2; 1 halves the CPU time)
-    vae_steps: int = 400  # VAE optimizer steps
+    vae_steps: int = 1000  # VAE optimizer steps
     vae_batch: int = 32  # VAE batch size
     vae_lr: float = 2e-3  # AdamW learning rate of the VAE
     kl_weight: float = 1e-6  # beta in the VAE loss (SD's VAE uses a tiny KL weight too)
-    unet_steps: int = 1500  # UNet + text encoder optimizer steps (epsilon)
-    unet_batch: int = 32  # UNet batch size
+    unet_steps: int = 3000  # UNet + text encoder optimizer steps (epsilon)
+    unet_batch: int = 64  # UNet batch size
     unet_lr: float = 1e-3  # peak AdamW learning rate, cosine decay after a 100-step warmup
     cond_dropout: float = 0.1  # fraction of captions replaced by "" (needed for classifier-free guidance)
-    v_steps: int = 300  # v-prediction fine-tune steps (0 skips toy:sd-v)
+    v_steps: int = 800  # v-prediction fine-tune steps (0 skips toy:sd-v)
     seed: int = 0  # seeds scenes, initialization and batches
     threads: int = 1  # torch.set_num_threads; 2 threads ran 10x slower than 1 on 2 cores shared with other jobs
+    device: str = "cpu"  # "cuda" trains the same loop on a GPU (random draws stay on CPU generators)
+    save_fp16: bool = True  # store weights as float16 (half the size; diffusers loads them as float32)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -74,9 +76,9 @@ def train_vae(vae, images: torch.Tensor, cfg: ToySDConfig, progress: ProgressFn 
     for step in range(cfg.vae_steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr, warmup=50)
-        x = images[torch.randint(len(images), (cfg.vae_batch,), generator=g)]
+        x = images[torch.randint(len(images), (cfg.vae_batch,), generator=g).to(images.device)]
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(x.device)
         recon = vae.decode(z).sample
         loss = torch.nn.functional.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -109,7 +111,8 @@ def train_unet(pipe, mean, std, captions, cfg: ToySDConfig, prediction_type: str
     g = torch.Generator().manual_seed(cfg.seed + (1 if prediction_type == "epsilon" else 2))
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-4)
-    alphas_cumprod = sched.alphas_cumprod
+    dev = mean.device
+    alphas_cumprod = sched.alphas_cumprod.to(dev)
     unet.train()
     text_encoder.train(train_text)
     text_encoder.requires_grad_(train_text)
@@ -118,14 +121,15 @@ def train_unet(pipe, mean, std, captions, cfg: ToySDConfig, prediction_type: str
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, cfg.unet_lr)
         idx = torch.randint(len(mean), (cfg.unet_batch,), generator=g)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g).to(dev)) * scale
         drop = torch.rand(cfg.unet_batch, generator=g) < cfg.cond_dropout
         which = torch.randint(2, (cfg.unet_batch,), generator=g)  # canonical caption or paraphrase
         texts = ["" if d else captions[i][w] for i, d, w in zip(idx.tolist(), drop.tolist(), which.tolist())]
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        cond = text_encoder(ids)[0]
+        cond = text_encoder(ids.to(dev))[0]
         t = torch.randint(0, sched.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
-        eps = torch.randn(z0.shape, generator=g)
+        eps = torch.randn(z0.shape, generator=g).to(dev)
+        t = t.to(dev)
         a = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)  # sqrt(abar_t)
         s = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)  # sqrt(1 - abar_t)
         zt = a * z0 + s * eps
@@ -144,6 +148,17 @@ def train_unet(pipe, mean, std, captions, cfg: ToySDConfig, prediction_type: str
     return losses
 
 
+def halve_safetensors(folder: str | Path) -> int:
+    """Rewrite every float32 ``*.safetensors`` under ``folder`` as float16; returns the number of files."""
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(Path(folder).rglob("*.safetensors"))
+    for f in files:
+        state = load_file(str(f))
+        save_file({k: v.half() if v.dtype == torch.float32 else v for k, v in state.items()}, str(f), metadata={"format": "pt"})
+    return len(files)
+
+
 def train_toy_sd(out_dir: str | Path, cfg: ToySDConfig | None = None, v_out_dir: str | Path | None = None,
                  progress: ProgressFn | None = None) -> dict:
     """Train and save ``toy:sd`` to ``out_dir`` (and ``toy:sd-v`` to ``v_out_dir`` when ``cfg.v_steps > 0``).
@@ -154,13 +169,21 @@ def train_toy_sd(out_dir: str | Path, cfg: ToySDConfig | None = None, v_out_dir:
 
     cfg = cfg or ToySDConfig()
     torch.set_num_threads(cfg.threads)
-    torch.use_deterministic_algorithms(True)
+    if cfg.device.startswith("cuda"):  # cuBLAS needs a fixed workspace; some CUDA backward kernels only warn
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)
     pipe = build_tiny_sd_pipeline(
         words=WORDS, image_size=cfg.image_size, vae_blocks=cfg.vae_blocks, unet_blocks=cfg.unet_blocks,
         layers_per_block=cfg.unet_layers_per_block, seed=cfg.seed,
     )
     images, captions = scene_tensors(cfg.n_scenes, cfg.seed, cfg.image_size)
+    pipe.to(cfg.device)
+    images = images.to(cfg.device)
     timings, summary = {}, {"config": cfg.model_dump()}
 
     t0 = time.perf_counter()
@@ -173,14 +196,19 @@ def train_toy_sd(out_dir: str | Path, cfg: ToySDConfig | None = None, v_out_dir:
     t0 = time.perf_counter()
     eps_losses = train_unet(pipe, mean, std, captions, cfg, "epsilon", cfg.unet_steps, train_text=True, progress=progress)
     timings["unet_s"] = time.perf_counter() - t0
-    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    pipe.to("cpu").save_pretrained(str(out_dir), safe_serialization=True)
+    if cfg.save_fp16:
+        halve_safetensors(out_dir)
+    pipe.to(cfg.device)
     summary.update(vae_loss=float(np.mean(vae_losses[-50:])), unet_loss=float(np.mean(eps_losses[-100:])), scaling_factor=scaling)
 
     if v_out_dir is not None and cfg.v_steps > 0:
         t0 = time.perf_counter()
         pipe.scheduler = ddim_scheduler("v_prediction")
         v_losses = train_unet(pipe, mean, std, captions, cfg, "v_prediction", cfg.v_steps, train_text=False, progress=progress)
-        pipe.save_pretrained(str(v_out_dir), safe_serialization=True)
+        pipe.to("cpu").save_pretrained(str(v_out_dir), safe_serialization=True)
+        if cfg.save_fp16:
+            halve_safetensors(v_out_dir)
         timings["v_s"] = time.perf_counter() - t0
         summary["v_loss"] = float(np.mean(v_losses[-100:]))
     summary["timings"] = timings
