@@ -199,3 +199,14 @@ def test_pixel_cache_is_vae_encoded_during_training_like_the_latent_cache(tiny_t
     a = train_phase(params, _phase(params), tiny_cache, tmp_path / "a")
     b = train_phase(params, _phase(params), tmp_path / "pixels", tmp_path / "b")
     assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-4)
+
+
+def test_block_removed_student_trains_with_feature_kd_and_is_saved_smaller(tiny_teacher, tiny_cache, tmp_path):
+    params = tiny_params(tiny_teacher, method={"kind": "bksdm_kd", "student_arch": "bk-small", "student_steps": 2},
+                         max_steps=2)
+    out = train_phase(params, _phase(params), tiny_cache, tmp_path / "p")
+    header = (tmp_path / "p" / "loss_curve.csv").read_text().splitlines()[0]
+    assert out["steps"] == 2 and "loss_kd_feat" in header and "loss_kd_out" in header
+    student = sum(v.numel() for v in _unet_weights(tmp_path / "p").values())
+    teacher = sum(v.numel() for v in load_file(str(tiny_teacher / "unet" / "diffusion_pytorch_model.safetensors")).values())
+    assert student < teacher

@@ -136,6 +136,8 @@ def train_phase(
     student, optimizer = accelerator.prepare(student, optimizer)  # DDP wrap when several processes
     method.student = student
     raw_student = accelerator.unwrap_model(student)
+    if student is not raw_student:  # methods read unet.config (e.g. time_cond_proj_dim) through the DDP wrapper
+        student.config = raw_student.config
     ema = EMA(raw_student, tc.ema_decay) if tc.ema_decay else None
     guard = NanGuard(patience=tc.nan_patience, explode_factor=tc.loss_explode_factor)
     generator = torch.Generator(device=device).manual_seed(tc.seed * 7919 + rank)
@@ -166,46 +168,49 @@ def train_phase(
     hook = ProgressHook(tc.max_steps, tc.batch_size * tc.grad_accum * world, progress, tc.log_every,
                         enabled=accelerator.is_main_process)
     t_start, steps_run = time.perf_counter(), 0
-    while step < tc.max_steps:
-        # forward / backward over grad_accum micro-batches (gradients synchronised on the last one)
-        loss_sum = torch.zeros((), device=device)
-        logs_sum: dict[str, float] = {}
-        for micro in range(tc.grad_accum):
-            idx = micro_batch_indices(len(dataset), tc.batch_size, data_position, tc.seed, rank, world)
-            data_position += 1
-            batch = dataset.batch(idx, generator, params.data.sample_posterior, device)
-            if "pixels" in batch:  # cache without latents: encode this batch now
-                mean, std = encode_pixels(teacher.vae, batch.pop("pixels"))
-                batch["latents"] = mean + std * torch.randn(mean.shape, generator=generator, device=device) \
-                    if params.data.sample_posterior else mean
-            sync = micro == tc.grad_accum - 1
-            with (contextlib.nullcontext() if sync else accelerator.no_sync(student)), accelerator.autocast():
-                loss, logs = method.loss(batch, generator)
-            accelerator.backward(loss / tc.grad_accum)
-            loss_sum += loss.detach().float() / tc.grad_accum
-            for k, v in logs.items():
-                logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / tc.grad_accum
-        loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
+    try:
+        while step < tc.max_steps:
+            # forward / backward over grad_accum micro-batches (gradients synchronised on the last one)
+            loss_sum = torch.zeros((), device=device)
+            logs_sum: dict[str, float] = {}
+            for micro in range(tc.grad_accum):
+                idx = micro_batch_indices(len(dataset), tc.batch_size, data_position, tc.seed, rank, world)
+                data_position += 1
+                batch = dataset.batch(idx, generator, params.data.sample_posterior, device)
+                if "pixels" in batch:  # cache without latents: encode this batch now
+                    mean, std = encode_pixels(teacher.vae, batch.pop("pixels"))
+                    batch["latents"] = mean + std * torch.randn(mean.shape, generator=generator, device=device) \
+                        if params.data.sample_posterior else mean
+                sync = micro == tc.grad_accum - 1
+                with (contextlib.nullcontext() if sync else accelerator.no_sync(student)), accelerator.autocast():
+                    loss, logs = method.loss(batch, generator)
+                accelerator.backward(loss / tc.grad_accum)
+                loss_sum += loss.detach().float() / tc.grad_accum
+                for k, v in logs.items():
+                    logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / tc.grad_accum
+            loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
 
-        # clip, guard, step
-        grad_norm = accelerator.clip_grad_norm_(trainable, tc.max_grad_norm or float("inf"))
-        grad_norm = float(grad_norm) if grad_norm is not None else None
-        good = guard.check(step + 1, loss_value, None if tc.mixed_precision == "fp16" else grad_norm, last_ckpt)
-        if good:
-            optimizer.step()
-            if ema is not None and not getattr(optimizer, "step_was_skipped", False):
-                ema.update(raw_student)
-        optimizer.zero_grad(set_to_none=True)
-        lr = lr_scheduler.get_last_lr()[0]
-        lr_scheduler.step()
-        step += 1
-        steps_run += 1
+            # clip, guard, step
+            grad_norm = accelerator.clip_grad_norm_(trainable, tc.max_grad_norm or float("inf"))
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+            good = guard.check(step + 1, loss_value, None if tc.mixed_precision == "fp16" else grad_norm, last_ckpt)
+            if good:
+                optimizer.step()
+                if ema is not None and not getattr(optimizer, "step_was_skipped", False):
+                    ema.update(raw_student)
+            optimizer.zero_grad(set_to_none=True)
+            lr = lr_scheduler.get_last_lr()[0]
+            lr_scheduler.step()
+            step += 1
+            steps_run += 1
 
-        # log and checkpoint
-        history.append({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "skipped": not good, **logs_sum})
-        hook.on_step(step, loss_value, lr=lr, phase=getattr(phase, "index", 0))
-        if good and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
-            last_ckpt = checkpoint()
+            # log and checkpoint
+            history.append({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "skipped": not good, **logs_sum})
+            hook.on_step(step, loss_value, lr=lr, phase=getattr(phase, "index", 0))
+            if good and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
+                last_ckpt = checkpoint()
+    finally:
+        getattr(method, "close", lambda: None)()  # e.g. BK-SDM's feature hooks
     elapsed = time.perf_counter() - t_start
 
     # 5. output: the phase's student (EMA weights when on), loss curve, summary ----------------------
