@@ -74,9 +74,9 @@ def test_bad_rows_are_counted_and_max_samples_caps_the_read(tmp_path, tiny_teach
     assert len(ds) == 5 and ds.batch([4])["pixels"].shape == (1, 3, 32, 32)
 
 
-def test_shard_missing_caption_column_names_the_file_and_columns(tmp_path, tiny_teacher):
+def test_shard_missing_caption_column_names_the_file_and_column(tmp_path, tiny_teacher):
     curated = write_tiny_curated(tmp_path / "curated", n=2)
-    with pytest.raises(ValueError, match="part-00000.parquet lacks column.*'prompt'"):
+    with pytest.raises(ValueError, match="part-00000.parquet.*'prompt'"):
         build_latent_cache(str(tiny_teacher), curated, tmp_path / "cache", caption_column="prompt")
 
 
@@ -100,3 +100,14 @@ def test_native_resolution_is_unet_sample_size_times_the_vae_factor(tiny_teacher
     from sd_distill.distill.teacher import load_teacher
 
     assert native_resolution(load_teacher(str(tiny_teacher))) == 32  # 8x8 latents, VAE with 3 blocks (/4)
+
+
+def test_mistyped_image_column_is_rejected_naming_the_file(tmp_path, tiny_teacher):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "curated").mkdir()
+    pq.write_table(pa.table({"key": ["a"], "image": ["not bytes"], "caption": ["a red circle"]}),
+                   tmp_path / "curated" / "part-00000.parquet")
+    with pytest.raises(ValueError, match="part-00000.parquet.*'image'"):
+        build_latent_cache(str(tiny_teacher), tmp_path / "curated", tmp_path / "cache", resolution=32)

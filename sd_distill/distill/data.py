@@ -1,7 +1,7 @@
 """Latent + text-embedding cache: the VAE and the text encoder run once, not every epoch.
 
 ``build_latent_cache`` reads the curated Parquet shards (DESIGN.md "Curated dataset": ``image`` bytes and
-the training ``caption``), resizes each image's shorter side to ``resolution`` and center-crops it, then writes
+the training ``caption``, read with the curate stage's checked reader), resizes each image's shorter side to ``resolution`` and center-crops it, then writes
 
 - ``shard-00000.safetensors`` ...  ``latent_mean`` / ``latent_std`` [n, 4, h, w]: the VAE posterior
   N(mean, std^2) already multiplied by the VAE's ``scaling_factor`` (minus ``shift_factor`` when the VAE has one),
@@ -50,22 +50,16 @@ def curated_shard_files(curated_dir: str | Path) -> list[Path]:
 def iter_curated_rows(
     curated_dir: str | Path, caption_column: str = "caption", batch_rows: int = 256
 ) -> Iterator[tuple[str, bytes, str]]:
-    """(key, encoded image bytes, caption) for every curated row, streamed shard by shard."""
-    for path in curated_shard_files(curated_dir):
-        pf = pq.ParquetFile(path)
-        names = set(pf.schema_arrow.names)
-        missing = [c for c in ("image", caption_column) if c not in names]
-        if missing:
-            raise ValueError(
-                f"curated shard {path} lacks column(s) {missing}; it has {sorted(names)} "
-                f"(DESIGN.md 'Curated dataset'; set data.caption_column to one of its text columns)"
-            )
-        cols = ["image", caption_column] + (["key"] if "key" in names else [])
-        for rb in pf.iter_batches(batch_size=batch_rows, columns=cols):
-            d = rb.to_pydict()
-            keys = d.get("key") or [f"{path.stem}:{i}" for i in range(len(d["image"]))]
-            for key, image, caption in zip(keys, d["image"], d[caption_column]):
-                yield str(key), image, caption
+    """(key, encoded image bytes, caption) for every curated row, streamed shard by shard.
+
+    Reads through the curate stage's checked reader (``sd_distill.curate.shards.iter_curated``): a shard missing
+    a column, or with a mistyped one, fails naming the file and the column.
+    """
+    from sd_distill.curate.shards import iter_curated
+
+    curated_shard_files(curated_dir)  # "empty dataset" before anything else
+    for frame in iter_curated(Path(curated_dir), columns=["key", "image", caption_column], batch_rows=batch_rows):
+        yield from zip(frame["key"].astype(str), frame["image"], frame[caption_column])
 
 
 def image_tensor(data: bytes, resolution: int) -> torch.Tensor:
