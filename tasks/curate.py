@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from sd_distill import curate as lib
-from tasks._stage import stage_task
+from tasks._stage import stage_task, work_dir
 
 
 def _sources_key(p):
@@ -21,7 +21,8 @@ def collect_sources(params, upstream, store_root):
 @stage_task("curate/download", key_of=lambda p: p.download, description="curate: downloading images (img2dataset)")
 def download_images(params, upstream, store_root):
     """Download / load every sample's image with img2dataset."""
-    return lambda out, inputs, progress: lib.download_images(params, inputs[0], out, progress=progress)
+    # img2dataset's partial shards live in the stage's work dir, so a retried download resumes
+    return lambda out, inputs, progress: lib.download_images(params, inputs[0], out, progress=progress, work_dir=work_dir())
 
 
 @stage_task("curate/score", key_of=lambda p: p.filter, description="curate: HPSv2 scoring")

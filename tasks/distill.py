@@ -61,7 +61,12 @@ def train_phase(params, upstream, store_root, suffix):
 @stage_task("distill/student", key_of=lambda p: p, description="distill: exporting the student")
 def export_student(params, upstream, store_root):
     """The last phase's student as a stock diffusers pipeline folder, with config and loss curve."""
-    return lambda out, inputs, progress: export.export_student(params, inputs[1:], out, progress)
+    def fn(out, inputs, progress):
+        summary = export.export_student(params, inputs[1:], out, progress)
+        # paths inside the (temporary) stage folder are meaningless once it is renamed into place
+        return {k: v for k, v in summary.items() if not (isinstance(v, str) and str(out) in v)}
+
+    return fn
 
 
 def publish_student(manifest) -> None:
