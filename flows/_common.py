@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Flow runs log what matters; library load bars and deprecation chatter would drown it.
+for _var, _value in {"DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error",
+                     "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_var, _value)
+
 
 def default_store_root() -> str:
     """``$SD_DISTILL_STORE`` (any fsspec URL) or ``./runs/store``."""

@@ -79,10 +79,11 @@ def curate_and_distill(
     curate: CurateParams = CurateParams(),
     distill: DistillParams = DistillParams(),
     evaluate: Optional[EvaluateParams] = None,
+    toy_eval_prompts: int = 40,
     store_root: str = "",
     stage_deployments: StageDeployments = StageDeployments(),
 ) -> str:
-    """curate -> distill -> evaluate; ``evaluate=None`` evaluates on the embedded toy world's prompts."""
+    """curate -> distill -> evaluate; ``evaluate=None`` evaluates on ``toy_eval_prompts`` held-out toy prompts."""
     root = resolve_store_root(store_root)
     shards = run_stage(curate_flow, stage_deployments.curate, False, params=curate, store_root=root)
     student = run_stage(distill_flow, stage_deployments.distill, True, params=distill, curated=shards.uri, store_root=root)
@@ -91,7 +92,8 @@ def curate_and_distill(
         ModelSpec(name="teacher", ref=distill.teacher, kind="teacher"),
         ModelSpec(name="student", ref=student.uri, kind="student", steps=sorted({s // 2, s} - {0}, reverse=True)),
     ]
-    report = run_stage(evaluate_flow, stage_deployments.evaluate, True, models=models, params=evaluate, store_root=root)
+    report = run_stage(evaluate_flow, stage_deployments.evaluate, True, models=models, params=evaluate,
+                       toy_prompts=toy_eval_prompts, store_root=root)
     summary = run_summary(shards, student, report)
     if "://" not in root:
         (Path(root) / "latest-summary.md").write_text(summary)
@@ -112,14 +114,14 @@ def load_run_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a run file holds a mapping of curate/distill/evaluate/store_root/stage_deployments")
     known = {"curate": CurateParams, "distill": DistillParams, "evaluate": EvaluateParams,
-             "stage_deployments": StageDeployments, "store_root": str}
+             "stage_deployments": StageDeployments, "store_root": str, "toy_eval_prompts": int}
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; valid: {sorted(known)}")
     params: dict[str, Any] = {}
     for key, value in raw.items():
         model = known[key]
-        params[key] = value if model is str else model.model_validate(value or {})
+        params[key] = model(value) if model in (str, int) else model.model_validate(value or {})
     return params
 
 

@@ -19,8 +19,8 @@ from sd_distill.evaluate.config import EvaluateParams, ModelSpec, toy_evaluate_p
 from sd_distill.store import Manifest
 from tasks import evaluate as t
 
-# The toy world's held-out prompt set (issue 6): 40 COCO-style prompts, 10 per HPSv2 style.
-TOY_PROMPTS = {"n": 40, "seed": 1000, "per_style": 10}
+# The toy world's held-out prompts come from their own random stream (seed 1000; training data uses 0).
+TOY_PROMPT_SEED = 1000
 
 
 def toy_params(prompts: Manifest, **overrides) -> EvaluateParams:
@@ -36,12 +36,15 @@ def toy_params(prompts: Manifest, **overrides) -> EvaluateParams:
 def evaluate(
     models: list[ModelSpec] = [ModelSpec(name="teacher", ref="toy:sd")],
     params: Optional[EvaluateParams] = None,
+    toy_prompts: int = 40,
     store_root: str = "",
 ) -> Manifest:
-    """Evaluate ``models``; ``params=None`` means the embedded toy world's prompts and metric models."""
+    """Evaluate ``models``; ``params=None`` means the embedded toy world: ``toy_prompts`` held-out
+    COCO-style prompts (and a quarter as many per HPSv2 style) with the toy metric models."""
     root = resolve_store_root(store_root)
     if params is None:
-        params = toy_params(t.toy_prompts(TOY_PROMPTS, [], root))
+        spec = {"n": toy_prompts, "seed": TOY_PROMPT_SEED, "per_style": max(1, toy_prompts // 4)}
+        params = toy_params(t.toy_prompts(spec, [], root))
     per_model = [t.evaluate_model((params, m), [], root, suffix=m.name) for m in models]
     report = t.build_report(params, per_model, root)
     print(t.publish_report(report))

@@ -26,13 +26,16 @@ from sd_distill.store import Manifest, StageStore, stage_key
 
 StageFn = Callable[..., dict]
 
-# Transient failures worth retrying (network, filesystem); logic errors fail at once.
+# Transient failures worth retrying (network, I/O); logic errors and missing files fail at once.
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
+PERMANENT = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def _retry_transient(task, task_run, state) -> bool:
     try:
         state.result()
+    except PERMANENT:
+        return False
     except TRANSIENT:
         return True
     except BaseException:
