@@ -118,3 +118,12 @@ def tiny_clip_folder(eval_root) -> Path:
     from sd_distill.tiny.clip import build_tiny_open_clip
 
     return build_tiny_open_clip(eval_root / "clip", name="tiny-eval-clip", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_folder(eval_root) -> Path:
+    """A random small toy attribute classifier saved with its own save_pretrained (a fast FID / IS feature model)."""
+    from sd_distill.toy.classifier import ToyAttributeClassifier
+
+    torch.manual_seed(0)
+    return ToyAttributeClassifier(image_size=32, widths=(8, 16), feature_dim=16).save_pretrained(eval_root / "classifier")

@@ -8,7 +8,7 @@ from sd_distill.evaluate.metrics.features import extract_features, images_to_ten
 from sd_distill.evaluate.metrics.fid import feature_statistics, fid_from_features, frechet_distance
 from sd_distill.evaluate.metrics.inception import FIDInceptionV3, find_inception_weights, resize_bilinear_tf1
 from sd_distill.evaluate.metrics.inception_score import inception_score
-from tests._fixtures_evaluate import eval_root, fid_inception_weights  # noqa: F401
+from tests._fixtures_evaluate import eval_root, fid_inception_weights, tiny_classifier_folder  # noqa: F401
 
 
 class SmallFeatures(torch.nn.Module):
@@ -143,6 +143,15 @@ def test_wrong_state_dict_and_unknown_refs_fail_clearly(tmp_path):
     (tmp_path / "folder" / "config.json").write_text('{"_class_name": "os.system"}')
     with pytest.raises(ValueError, match="must live in the sd_distill package"):
         load_feature_extractor(str(tmp_path / "folder"))
+
+
+def test_model_folder_extractor_is_loaded_by_the_class_its_config_names(tiny_classifier_folder):
+    from sd_distill.toy.classifier import ToyAttributeClassifier
+
+    model = load_feature_extractor(str(tiny_classifier_folder))
+    assert isinstance(model, ToyAttributeClassifier) and not model.training
+    pool, logits = model.features(torch.rand(3, 3, 32, 32))
+    assert pool.shape == (3, 16) and logits.shape == (3, 18)
 
 
 def test_extract_features_batches_like_one_pass():

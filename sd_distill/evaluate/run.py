@@ -21,7 +21,7 @@ from .generate import generate_images, generation_summary, load_images, load_pip
 from .metrics.fid import feature_statistics, frechet_distance
 from .metrics.features import extract_features
 from .metrics.inception_score import inception_score
-from .metrics.text_image import MetricModels, clip_scores, hps_leaderboard_scale
+from .metrics.text_image import MetricModels, hps_leaderboard_scale
 from .prompts import PromptSet, load_prompt_sets
 from .report import build_report, hps_key
 from .speed import speed_record
@@ -73,7 +73,9 @@ def compute_metrics(params: EvaluateParams, images_dir: Path, prompt_set: Prompt
                 splits = min(params.is_splits, len(images))
                 out["is"], out["is_std"] = inception_score(logits, splits=splits)
         if "clip" in params.metrics:
-            out["clip"] = float(np.mean(clip_scores(models.clip(), images, prompt_set.prompts)))
+            from sd_distill.scoring.clip_score import clip_score
+
+            out["clip"] = clip_score(models.clip(), images, prompt_set.prompts)
     elif prompt_set.kind == "hpsv2" and "hpsv2" in params.metrics:
         for version in params.hps_versions:
             raw = models.hps(version).score(images, prompt_set.prompts)

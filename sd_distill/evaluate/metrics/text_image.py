@@ -1,7 +1,7 @@
-"""Text-image metrics through helper "scoring"'s open_clip models: CLIP score and the HPSv2 score.
+"""Text-image metrics through ``sd_distill.scoring``'s open_clip models: CLIP score and the HPSv2 score.
 
-CLIP score (Hessel et al. 2021, "CLIPScore", Eq. 1 with w = 100, torchmetrics' definition):
-    CLIP(x, p) = 100 * max(cos(E_I(x), E_T(p)), 0), averaged over the pairs.
+CLIP score: ``sd_distill.scoring.clip_score.clip_score`` (Hessel et al. 2021, Eq. 1 with w = 100, as
+torchmetrics computes a set's score: max(mean(100 cos), 0)).
 HPSv2 (Wu et al. 2023): the cosine similarity of HPSv2's image and text embeddings; the leaderboard
 reports the per-style mean x 100 (``hpsv2/evaluation.py`` prints ``mean * 100``), which is the scale
 used here (``hps_leaderboard_scale``); the reference table's 0.2659 is the same number / 100.
@@ -15,19 +15,6 @@ import numpy as np
 import torch
 
 LEADERBOARD_SCALE = 100.0
-
-
-def clip_scores(clip, images: Sequence, prompts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-    """Per-pair CLIP score 100 * max(cos, 0) with a loaded open_clip model (``scoring.openclip.load_open_clip``)."""
-    if len(images) != len(prompts):
-        raise ValueError(f"CLIP score needs one prompt per image: {len(images)} images, {len(prompts)} prompts")
-    out = []
-    for start in range(0, len(images), batch_size):
-        pixels = torch.stack([clip.preprocess(im.convert("RGB")) for im in images[start:start + batch_size]])
-        img = clip.encode_pixels(pixels)
-        txt = clip.encode_texts(list(prompts[start:start + batch_size]))
-        out.append((100.0 * (img * txt).sum(dim=-1).clamp(min=0)).cpu().numpy())
-    return np.concatenate(out).astype(np.float64)
 
 
 def hps_leaderboard_scale(scores: Sequence[float]) -> float:

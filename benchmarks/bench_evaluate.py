@@ -1,0 +1,131 @@
+"""Images/s of evaluation-style generation: teacher (CFG, 20 steps) vs student (8 steps, w-conditioned).
+
+Both run DPM-Solver++ at guidance 7.5 through a stock diffusers StableDiffusionPipeline, text encoding
+and VAE decoding included. The teacher's CFG calls the UNet on the doubled batch (2 evaluations per
+step); the w-conditioned student (``time_cond_proj_dim`` set) takes the guidance as an embedding
+(1 evaluation per step).
+
+    python benchmarks/bench_evaluate.py                  # CPU: tiny pipelines at 32 px (or --teacher/--student refs)
+    python benchmarks/bench_evaluate.py --gpu --seconds 120   # SD-1.5-sized random models, 512 px, fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from sd_distill.evaluate.generate import UNetEvalCounter, dpm_solver_pp_scheduler, load_pipeline, prompt_generators
+from sd_distill.evaluate.speed import unet_macs_per_eval, unet_parameters
+
+PROMPTS = ["a red circle above a blue square", "a green triangle", "a photo of a cat", "a painting of a lighthouse"]
+
+
+def sd15_sized_pipeline(device: torch.device, dtype: torch.dtype, time_cond_proj_dim: int | None):
+    """A StableDiffusionPipeline with SD-1.5's architecture (UNet 860M, VAE, CLIP ViT-L text encoder), random weights."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sd_distill.tiny.sd import ddim_scheduler, write_clip_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp, PROMPTS[0].split()))
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, time_cond_proj_dim=time_cond_proj_dim)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4)
+        text = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+            bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=dpm_solver_pp_scheduler(ddim_scheduler("epsilon")), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def tiny_pipelines(folder: str):
+    """Tiny teacher (epsilon, CFG) and w-conditioned student folders built with sd_distill.tiny.sd."""
+    from sd_distill.tiny.sd import build_tiny_sd_pipeline
+
+    words = sorted({w for p in PROMPTS for w in p.split()})
+    build_tiny_sd_pipeline(f"{folder}/teacher", words=words, seed=0)
+    build_tiny_sd_pipeline(f"{folder}/student", words=words, time_cond_proj_dim=32, seed=0)
+    return f"{folder}/teacher", f"{folder}/student"
+
+
+def images_per_second(pipe, steps: int, batch: int, resolution: int, seconds: float, device: torch.device) -> dict:
+    """Throughput after one warm-up batch, batches repeated until ``seconds`` have passed (at least one)."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+
+    def run():
+        pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=7.5, height=resolution, width=resolution,
+             generator=prompt_generators(0, list(range(batch))), output_type="pt")
+
+    with torch.inference_mode():
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        n, start = 0, time.perf_counter()
+        with UNetEvalCounter(pipe.unet) as counter:
+            while n == 0 or time.perf_counter() - start < seconds:
+                run()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                n += 1
+        elapsed = time.perf_counter() - start
+    return {"images_per_s": n * batch / elapsed, "unet_evals": counter.evals / (n * batch), "batches": n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu", action="store_true", help="SD-1.5-sized random models, 512 px, fp16 on CUDA")
+    ap.add_argument("--seconds", type=float, default=20.0, help="total timing budget, split over the two runs")
+    ap.add_argument("--batch", type=int, default=None, help="images per pipeline call (default 4 GPU, 8 CPU)")
+    ap.add_argument("--teacher", default=None, help="CPU mode: teacher pipeline ref (default: a tiny one)")
+    ap.add_argument("--student", default=None, help="CPU mode: student pipeline ref (default: a tiny w-conditioned one)")
+    ap.add_argument("--resolution", type=int, default=None, help="pixels (default 512 GPU, 32 CPU)")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu needs CUDA")
+        device, res, batch = torch.device("cuda"), args.resolution or 512, args.batch or 4
+        teacher = sd15_sized_pipeline(device, torch.float16, None)
+        student = sd15_sized_pipeline(device, torch.float16, 256)
+        label = f"SD-1.5-sized random init, {res} px, fp16, {torch.cuda.get_device_name()}"
+    else:
+        torch.set_num_threads(min(torch.get_num_threads(), 2))
+        device, res, batch = torch.device("cpu"), args.resolution or 32, args.batch or 8
+        tmp = tempfile.mkdtemp()
+        t_ref, s_ref = (args.teacher, args.student) if args.teacher and args.student else tiny_pipelines(tmp)
+        teacher, student = load_pipeline(t_ref, "cpu"), load_pipeline(s_ref, "cpu")
+        label = f"CPU ({torch.get_num_threads()} threads), {res} px, fp32, teacher={t_ref} student={s_ref}"
+    print(f"# bench_evaluate: {label}; DPM-Solver++, guidance 7.5, batch {batch}")
+    rows = []
+    for name, pipe, steps in (("teacher (CFG)", teacher, 20), ("student (w-cond)", student, 8)):
+        r = images_per_second(pipe, steps, batch, res, args.seconds / 2, device)
+        r.update(name=name, steps=steps, params_m=unet_parameters(pipe.unet) / 1e6,
+                 gmacs=unet_macs_per_eval(pipe, res) * r["unet_evals"] / 1e9)
+        rows.append(r)
+    print("| model | steps | UNet evals/img | UNet params M | UNet GMACs/img | img/s | batches timed |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['steps']} | {r['unet_evals']:.0f} | {r['params_m']:.1f} | {r['gmacs']:.1f} | "
+              f"{r['images_per_s']:.3f} | {r['batches']} |")
+    print(f"speed-up student / teacher: {rows[1]['images_per_s'] / rows[0]['images_per_s']:.2f}x "
+          f"(UNet evaluations {rows[0]['unet_evals']:.0f} -> {rows[1]['unet_evals']:.0f} per image)")
+
+
+if __name__ == "__main__":
+    main()
