@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     from sd_distill.captioning.clean import choose_caption
     from sd_distill.scoring.hps import load_hps_scorer
     from sd_distill.toy.classifier import ToyAttributeClassifier
-    from sd_distill.toy.world import BAD_KINDS, caption_accuracy, make_samples
+    from sd_distill.toy.world import BAD_KINDS, WEAK_KINDS, caption_accuracy, make_samples
 
     samples = make_samples(args.n, seed=args.seed, bad_fraction=args.bad_fraction)
     images = [s.image for s in samples]
@@ -60,7 +60,8 @@ def main(argv=None) -> None:
     truths = [s.truth for s in samples]
     bad = np.array([s.is_bad for s in samples])
     kinds = np.array([s.bad_kind or "clean" for s in samples])
-    print(f"toy samples: n={args.n} seed={args.seed} planted bad={bad.sum()} ({', '.join(f'{k}={(kinds == k).sum()}' for k in BAD_KINDS)})")
+    print(f"toy samples: n={args.n} seed={args.seed} planted bad={bad.sum()} ({', '.join(f'{k}={(kinds == k).sum()}' for k in BAD_KINDS)}); "
+          f"good pairs with weak captions={sum(s.caption_kind in WEAK_KINDS for s in samples)}")
 
     # 1. HPS filter vs planted bad pairs
     t0 = time.perf_counter()
@@ -71,6 +72,10 @@ def main(argv=None) -> None:
           f"bad {scores[bad].mean():.3f}; ROC AUC (clean > bad) {roc_auc(scores[~bad], scores[bad]):.3f}")
     for kind in BAD_KINDS:
         print(f"  mean score {kind:13s} {scores[kinds == kind].mean():.3f}   AUC vs clean {roc_auc(scores[~bad], scores[kinds == kind]):.3f}")
+    ckinds = np.array([s.caption_kind for s in samples])
+    for kind in WEAK_KINDS:
+        sel = ckinds == kind
+        print(f"  mean score weak:{kind:11s} {scores[sel].mean():.3f}   (good pairs with a weak caption, n={sel.sum()})")
     order = np.lexsort((np.arange(args.n), -scores))
     kept = np.zeros(args.n, bool)
     kept[order[: int(round(args.keep * args.n))]] = True

@@ -5,6 +5,7 @@ import pytest
 
 from sd_distill.toy.world import (
     BAD_KINDS,
+    WEAK_KINDS,
     caption_accuracy,
     caption_for,
     caption_score,
@@ -75,10 +76,10 @@ def test_make_samples_is_deterministic_and_plants_the_requested_bad_fraction():
     assert len(bad) == 10
     assert {s.bad_kind for s in bad} == set(BAD_KINDS)
     for s in a:
-        if s.bad_kind in ("wrong_caption", "boilerplate"):
+        if s.bad_kind in ("wrong_caption", "boilerplate") or s.caption_kind in WEAK_KINDS:
             assert s.caption != s.true_caption
         else:
-            assert s.caption == s.true_caption
+            assert s.caption == s.true_caption and s.caption_kind in ("true", "blur", "noise", "blank")
     blank = next(s for s in bad if s.bad_kind == "blank")
     assert np.asarray(blank.image).reshape(-1, 3).std(0).max() == 0
 
@@ -88,3 +89,16 @@ def test_make_samples_rejects_bad_arguments():
         make_samples(10, bad_fraction=1.5)
     with pytest.raises(ValueError, match="n must be"):
         make_samples(0)
+
+
+def test_weak_captions_lose_attributes_but_keep_the_pair_good():
+    a = make_samples(60, seed=2, bad_fraction=0.25, weak_fraction=0.2)
+    weak = [s for s in a if s.caption_kind in WEAK_KINDS]
+    assert len(weak) == 9 and not any(s.is_bad for s in weak)
+    assert {s.caption_kind for s in weak} == set(WEAK_KINDS)
+    for s in weak:
+        score = caption_score(s.caption, s.truth)
+        assert score == 1.0 if s.caption_kind == "decorated" else score < 1.0
+    none = make_samples(60, seed=2, bad_fraction=0.25, weak_fraction=0.0)
+    assert all(x.caption_kind in ("true", *BAD_KINDS) for x in none)
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, none))  # images unchanged

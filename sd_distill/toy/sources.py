@@ -20,7 +20,7 @@ hpdv2_test    ``hpdv2/test.json``: [{prompt, image_path: [own, rival], rank: [1,
               its rival is the next sample of the same split)
 urls          ``urls.csv``: url, caption
 truth         ``truth.parquet``: key, n_objects, color1, shape1, relation, color2, shape2, background,
-              caption (published), true_caption, is_bad, bad_kind, source, image_path
+              caption (published), true_caption, is_bad, bad_kind, caption_kind, source, image_path
 ============  ====================================================================================
 
 URLs are ``{base_url}/images/<key>.png``; each sample appears in exactly one source.
@@ -187,8 +187,12 @@ def make_toy_sources(
     bad_fraction: float = 0.25,
     base_url: str = "served://toy",
     image_size: int = 32,
+    weak_fraction: float = 0.2,
 ) -> dict[str, Path]:
     """Generate ``n`` toy samples and write them as every source format; return the paths by format name.
+
+    ``bad_fraction`` of the pairs are planted bad (``is_bad``); ``weak_fraction`` of the good ones get a weak
+    caption (``caption_kind`` partial / vague / decorated): good pairs that recaptioning should improve.
 
     Keys: ``images`` (folder), ``laion``, ``coco``, ``coco_images``, ``diffusiondb``, ``diffusiondb_zip``,
     ``hpdv2_train``, ``hpdv2_test``, ``urls``, ``truth``. Sample ``i`` goes to source ``i % 5``.
@@ -197,7 +201,7 @@ def make_toy_sources(
         raise ValueError(f"image_size must be in [32, 64], got {image_size}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    samples = make_samples(n, seed=seed, bad_fraction=bad_fraction, image_size=image_size)
+    samples = make_samples(n, seed=seed, bad_fraction=bad_fraction, image_size=image_size, weak_fraction=weak_fraction)
     rng = np.random.default_rng(seed + 1)
     for s in samples:
         s.image.save(out / "images" / f"{s.key}.png")

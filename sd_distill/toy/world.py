@@ -35,6 +35,9 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (238, 238, 238), "gray"
 RELATIONS: tuple[str, ...] = ("above", "below", "left of", "right of")
 INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 BAD_KINDS: tuple[str, ...] = ("wrong_caption", "boilerplate", "blur", "noise", "blank")
+# weak (not bad) captions of good pairs, like real alt-text: they lose or bury attributes; recaptioning fixes them
+WEAK_KINDS: tuple[str, ...] = ("partial", "unordered", "decorated")
+_DECORATION = ("4k hd wallpaper", "trending on artstation", "high quality stock image", "vector art, flat design")
 # every word a toy caption uses (tokenizers get them as single tokens)
 WORDS: tuple[str, ...] = ("a", "an", "and", "of", "on", "background", *SHAPES, *COLORS, *BACKGROUNDS, "above", "below", "left", "right")
 ATTRIBUTES: tuple[str, ...] = ("n_objects", "color1", "shape1", "relation", "color2", "shape2")
@@ -153,6 +156,7 @@ class Sample:
     is_bad: bool = False
     bad_kind: str | None = None
     extra_captions: list[str] = field(default_factory=list)  # more captions for the same image (COCO has five)
+    caption_kind: str = "true"  # "true", a WEAK_KINDS entry, or the bad kind for bad pairs
 
     def truth_row(self) -> dict:
         return {
@@ -162,18 +166,45 @@ class Sample:
             "true_caption": self.true_caption,
             "is_bad": self.is_bad,
             "bad_kind": self.bad_kind,
+            "caption_kind": self.caption_kind,
         }
 
 
-def make_samples(n: int, seed: int = 0, bad_fraction: float = 0.25, image_size: int = 32, prefix: str = "toy") -> list[Sample]:
+def weak_caption(truth: Mapping, kind: str, rng: np.random.Generator) -> str:
+    """A weak caption of a correct pair: ``partial`` names one object of two (one-object scenes: the color
+    only), ``unordered`` names both objects without their relation (one-object scenes: the shape only),
+    ``decorated`` appends alt-text junk to the true caption (no attribute lost)."""
+    c1, s1 = truth["color1"], truth["shape1"]
+    two = truth.get("n_objects") == 2
+    if kind == "partial":
+        if not two:
+            return f"{_a(c1)} {c1} shape on a {truth['background']} background"
+        color, shape = (c1, s1) if rng.random() < 0.5 else (truth["color2"], truth["shape2"])
+        return f"{_a(color)} {color} {shape}"
+    if kind == "unordered":
+        if not two:
+            return f"a {s1} on a {truth['background']} background"
+        return f"{_a(c1)} {c1} {s1} and {_a(truth['color2'])} {truth['color2']} {truth['shape2']}"
+    if kind == "decorated":
+        return f"{caption_for(truth)}, {_DECORATION[int(rng.integers(len(_DECORATION)))]}"
+    raise ValueError(f"unknown weak caption kind {kind!r}; valid: {WEAK_KINDS}")
+
+
+def make_samples(n: int, seed: int = 0, bad_fraction: float = 0.25, image_size: int = 32, prefix: str = "toy",
+                 weak_fraction: float = 0.2) -> list[Sample]:
     """``n`` samples, exactly ``round(n * bad_fraction)`` of them bad, bad kinds in turn over :data:`BAD_KINDS`.
 
     Deterministic in ``seed``. A wrong caption describes another random scene with a different caption.
+    Of the good pairs, ``round(n_good * weak_fraction)`` get a weak caption (kinds in turn over
+    :data:`WEAK_KINDS`); they stay ``is_bad=False``. Weak captions come from a separate random stream, so
+    images and truths do not depend on ``weak_fraction``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if not 0.0 <= bad_fraction <= 1.0:
         raise ValueError(f"bad_fraction must be in [0, 1], got {bad_fraction}")
+    if not 0.0 <= weak_fraction <= 1.0:
+        raise ValueError(f"weak_fraction must be in [0, 1], got {weak_fraction}")
     rng = np.random.default_rng(seed)
     n_bad = int(round(n * bad_fraction))
     bad_index = {int(i): BAD_KINDS[j % len(BAD_KINDS)] for j, i in enumerate(sorted(rng.permutation(n)[:n_bad]))}
@@ -194,7 +225,15 @@ def make_samples(n: int, seed: int = 0, bad_fraction: float = 0.25, image_size: 
             caption, extra = boilerplate_caption(rng), []
         elif kind is not None:
             image = degrade_image(image, kind, rng)
-        samples.append(Sample(f"{prefix}{i:06d}", image, caption, truth, true_caption, kind is not None, kind, extra))
+        samples.append(Sample(f"{prefix}{i:06d}", image, caption, truth, true_caption, kind is not None, kind, extra,
+                              caption_kind=kind or "true"))
+    weak_rng = np.random.default_rng([seed, 7])
+    good = [i for i in range(n) if i not in bad_index]
+    n_weak = int(round(len(good) * weak_fraction))
+    for j, i in enumerate(sorted(weak_rng.permutation(good)[:n_weak].tolist()) if good else []):
+        s = samples[i]
+        s.caption_kind = WEAK_KINDS[j % len(WEAK_KINDS)]
+        s.caption = weak_caption(s.truth, s.caption_kind, weak_rng)
     return samples
 
 
