@@ -28,6 +28,7 @@ from sd_distill.distill.config import DistillParams
 from sd_distill.evaluate.config import EvaluateParams, ModelSpec
 from sd_distill.store import Manifest
 from sd_distill.summary import run_summary
+from tasks._artifacts import publish_markdown
 
 
 class StageDeployments(BaseModel):
@@ -97,6 +98,7 @@ def curate_and_distill(
     summary = run_summary(shards, student, report)
     if "://" not in root:
         (Path(root) / "latest-summary.md").write_text(summary)
+    publish_markdown(summary, "run-summary", "curate-and-distill: counts, scores, the results table, where the files are")
     print(summary)
     return summary
 
