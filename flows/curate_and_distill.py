@@ -29,6 +29,7 @@ from sd_distill.evaluate.config import EvaluateParams, ModelSpec
 from sd_distill.store import Manifest
 from sd_distill.summary import run_summary
 from tasks._artifacts import publish_markdown
+from tasks.evaluate import toy_world_measures
 
 
 class StageDeployments(BaseModel):
@@ -95,7 +96,10 @@ def curate_and_distill(
     ]
     report = run_stage(evaluate_flow, stage_deployments.evaluate, True, models=models, params=evaluate,
                        toy_prompts=toy_eval_prompts, store_root=root)
-    summary = run_summary(shards, student, report)
+    toy = None
+    if evaluate is None and "://" not in root and all(src.kind == "toy" for src in curate.sources):
+        toy = toy_world_measures(shards, report, root)
+    summary = run_summary(shards, student, report, toy=toy)
     if "://" not in root:
         (Path(root) / "latest-summary.md").write_text(summary)
     publish_markdown(summary, "run-summary", "curate-and-distill: counts, scores, the results table, where the files are")

@@ -23,7 +23,21 @@ def _counts_lines(counts: dict[str, Any]) -> list[str]:
     return lines
 
 
-def run_summary(curated, student, report, ui_url: str | None = None) -> str:
+def toy_lines(toy: dict) -> list[str]:
+    """The toy world's ground-truth checks as markdown."""
+    c = toy["curation"]
+    out = ["## Toy world: measured against ground truth",
+           f"HPS filter vs planted bad pairs: rejected {c['rejected']} of {c['samples']} "
+           f"({c['planted_bad']} planted bad): precision {c['reject_precision']:.2f}, recall {c['reject_recall']:.2f}; "
+           f"bad pairs {100 * c['bad_fraction_in']:.0f}% in -> {100 * c['bad_fraction_kept']:.1f}% kept.",
+           f"Caption accuracy of kept samples: {c['caption_accuracy_original']:.3f} published -> "
+           f"{c['caption_accuracy_final']:.3f} after recaptioning ({c['recaptioned']} recaptioned).", "",
+           "| model | steps | attribute accuracy of generated scenes |", "|---|---|---|"]
+    out += [f"| {g['model']} | {g['steps']} | {g['attribute_accuracy']:.3f} |" for g in toy["generation"]]
+    return out + [""]
+
+
+def run_summary(curated, student, report, ui_url: str | None = None, toy: dict | None = None) -> str:
     """Markdown summary of one curate-and-distill run from its three stage manifests."""
     out = ["# curate-and-distill: run summary", ""]
     out += ["## Curate", f"Shards: `{curated.uri}`", ""] + _counts_lines(curated.counts) + [""]
@@ -40,6 +54,8 @@ def run_summary(curated, student, report, ui_url: str | None = None) -> str:
     table = Path(report.uri) / "table.md"
     if "://" not in report.uri and table.exists():
         out += [table.read_text().strip(), ""]
+    if toy:
+        out += toy_lines(toy)
     if ui_url:
         out += [f"Prefect UI: {ui_url}"]
     return "\n".join(out) + "\n"

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from sd_distill.evaluate import report as report_lib
@@ -89,3 +90,21 @@ def publish_report(manifest) -> str:
                       f"teacher vs student, same prompts and seeds: {grid.stem}")
     publish_image(folder / "metrics_vs_steps.png", "evaluate-metrics-vs-steps", "each metric vs sampling steps")
     return markdown
+
+
+@task(name="toy-world-measures")
+def toy_world_measures(shards, report, store_root: str) -> dict:
+    """Issue 6's checks against ground truth: the HPS filter vs planted bad pairs, caption accuracy,
+    attribute accuracy of every model x steps' generations."""
+    from sd_distill.evaluate.prompts import load_coco_prompts
+    from sd_distill.store import StageStore
+    from sd_distill.toy.measures import curation_measures, generation_measures
+
+    store = StageStore(store_root)
+    sources = store.find("curate/sources", shards.upstream[0]["key"])
+    measures = {"curation": curation_measures(sources.path, shards.path)}
+    params = report.params
+    prompts = load_coco_prompts(params["coco_captions"], params["coco_images"], params["max_coco_prompts"]).prompts
+    records = json.loads((report.path / "records.json").read_text())
+    measures["generation"] = generation_measures(records, prompts=prompts)
+    return measures
