@@ -1,0 +1,72 @@
+"""Toy-world ground-truth measures computed from real stage folders (collect step + curated shard schema)."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sd_distill.curate.collect import collect_sources
+from sd_distill.curate.config import CurateParams, SourceSpec
+from sd_distill.curate.shards import CURATED_SCHEMA
+from sd_distill.toy.measures import curation_measures, generation_measures
+
+
+@pytest.fixture(scope="module")
+def toy_sources(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sources")
+    collect_sources(CurateParams(sources=[SourceSpec(kind="toy", toy_n=40, toy_seed=3)]), out)
+    return out
+
+
+def _write_shards(folder, samples, keep_keys, recaption=None):
+    import pandas as pd
+
+    rows = samples[samples["key"].isin(keep_keys)]
+    table = {name: [None] * len(rows) for name in CURATED_SCHEMA.names}
+    table.update(key=list(rows["key"]), source=list(rows["source"]), caption_original=list(rows["caption_original"]),
+                 caption=[(recaption or {}).get(k, c) for k, c in zip(rows["key"], rows["caption_original"])],
+                 caption_source=["generated" if k in (recaption or {}) else "original" for k in rows["key"]])
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pydict(table, schema=CURATED_SCHEMA), folder / "part-00000.parquet")
+    return folder
+
+
+def test_rejecting_exactly_the_planted_bad_pairs_scores_perfect_precision_and_recall(toy_sources, tmp_path):
+    import pandas as pd
+
+    from sd_distill.toy.measures import _toy_key
+
+    truth = pd.read_parquet(toy_sources / "toy" / "truth.parquet").set_index("key")
+    samples = pd.read_parquet(toy_sources / "samples.parquet")
+    good = [k for k, u, p in zip(samples["key"], samples["url"], samples["local_path"]) if not truth.at[_toy_key(u, p), "is_bad"]]
+    m = curation_measures(toy_sources, _write_shards(tmp_path / "shards", samples, good))
+    assert m["samples"] == 40 and m["planted_bad"] == 10
+    assert m["reject_precision"] == 1.0 and m["reject_recall"] == 1.0 and m["bad_fraction_kept"] == 0.0
+
+
+def test_keeping_everything_has_zero_recall_and_recaptioning_with_truth_raises_caption_accuracy(toy_sources, tmp_path):
+    import pandas as pd
+
+    from sd_distill.toy.measures import _toy_key
+
+    truth = pd.read_parquet(toy_sources / "toy" / "truth.parquet").set_index("key")
+    samples = pd.read_parquet(toy_sources / "samples.parquet")
+    fixed = {k: truth.at[_toy_key(u, p), "true_caption"] for k, u, p in zip(samples["key"], samples["url"], samples["local_path"])}
+    m = curation_measures(toy_sources, _write_shards(tmp_path / "shards", samples, list(samples["key"]), fixed))
+    assert m["rejected"] == 0 and m["reject_recall"] == 0.0 and m["bad_fraction_kept"] == 0.25
+    assert m["caption_accuracy_final"] == 1.0 > m["caption_accuracy_original"]
+
+
+def test_generation_measures_read_real_scenes_back(tmp_path):
+    from sd_distill.toy.world import caption_for, make_samples, render_scene
+
+    samples = [s for s in make_samples(12, seed=5, bad_fraction=0.0)]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    prompts = []
+    for i, s in enumerate(samples):
+        render_scene(s.truth, 32).save(folder / f"{i:05d}.png")
+        prompts.append(caption_for(s.truth))
+    rows = generation_measures([{"model": "real", "steps": 0, "images": {"coco": str(folder)}}], prompts=prompts)
+    assert rows[0]["attribute_accuracy"] > 0.95
+    wrong = prompts[1:] + prompts[:1]
+    assert generation_measures([{"model": "real", "steps": 0, "images": {"coco": str(folder)}}], prompts=wrong)[0]["attribute_accuracy"] < 0.8
