@@ -63,33 +63,43 @@ def tiny_pipelines(folder: str):
     return f"{folder}/teacher", f"{folder}/student"
 
 
-def images_per_second(pipe, steps: int, batch: int, resolution: int, seconds: float, device: torch.device) -> dict:
-    """Throughput after one warm-up batch, batches repeated until ``seconds`` have passed (at least one)."""
+def interleaved_images_per_second(runs: list[tuple], batch: int, resolution: int, seconds: float,
+                                  device: torch.device) -> list[dict]:
+    """Images/s of each (pipe, steps) from the median batch time, batches interleaved round by round.
+
+    One warm-up batch each; then rounds of one timed batch per run until ``seconds`` have passed (at
+    least three rounds). Interleaving and the median keep a shared, busy machine's noise out of the ratio.
+    """
+    import statistics
+
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
 
-    def run():
+    def run(pipe, steps) -> float:
+        start = time.perf_counter()
         pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=7.5, height=resolution, width=resolution,
              generator=prompt_generators(0, list(range(batch))), output_type="pt")
-
-    with torch.inference_mode():
-        run()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        n, start = 0, time.perf_counter()
-        with UNetEvalCounter(pipe.unet) as counter:
-            while n == 0 or time.perf_counter() - start < seconds:
-                run()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                n += 1
-        elapsed = time.perf_counter() - start
-    return {"images_per_s": n * batch / elapsed, "unet_evals": counter.evals / (n * batch), "batches": n}
+        return time.perf_counter() - start
+
+    times: list[list[float]] = [[] for _ in runs]
+    counters = [UNetEvalCounter(pipe.unet) for pipe, _ in runs]
+    with torch.inference_mode():
+        for pipe, steps in runs:
+            run(pipe, steps)
+        start = time.perf_counter()
+        while len(times[0]) < 3 or time.perf_counter() - start < seconds:
+            for k, (pipe, steps) in enumerate(runs):
+                with counters[k]:
+                    times[k].append(run(pipe, steps))
+    return [{"images_per_s": batch / statistics.median(t), "unet_evals": c.evals / (len(t) * batch), "batches": len(t)}
+            for t, c in zip(times, counters)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="SD-1.5-sized random models, 512 px, fp16 on CUDA")
-    ap.add_argument("--seconds", type=float, default=20.0, help="total timing budget, split over the two runs")
+    ap.add_argument("--seconds", type=float, default=20.0, help="timing budget after warm-up (at least 3 rounds)")
     ap.add_argument("--batch", type=int, default=None, help="images per pipeline call (default 4 GPU, 8 CPU)")
     ap.add_argument("--teacher", default=None, help="CPU mode: teacher pipeline ref (default: a tiny one)")
     ap.add_argument("--student", default=None, help="CPU mode: student pipeline ref (default: a tiny w-conditioned one)")
@@ -112,13 +122,12 @@ def main() -> None:
         teacher, student = load_pipeline(t_ref, "cpu"), load_pipeline(s_ref, "cpu")
         label = f"CPU ({torch.get_num_threads()} threads), {res} px, fp32, teacher={t_ref} student={s_ref}"
     print(f"# bench_evaluate: {label}; DPM-Solver++, guidance 7.5, batch {batch}")
-    rows = []
-    for name, pipe, steps in (("teacher (CFG)", teacher, 20), ("student (w-cond)", student, 8)):
-        r = images_per_second(pipe, steps, batch, res, args.seconds / 2, device)
+    runs = [("teacher (CFG)", teacher, 20), ("student (w-cond)", student, 8)]
+    rows = interleaved_images_per_second([(p, n) for _, p, n in runs], batch, res, args.seconds, device)
+    for r, (name, pipe, steps) in zip(rows, runs):
         r.update(name=name, steps=steps, params_m=unet_parameters(pipe.unet) / 1e6,
                  gmacs=unet_macs_per_eval(pipe, res) * r["unet_evals"] / 1e9)
-        rows.append(r)
-    print("| model | steps | UNet evals/img | UNet params M | UNet GMACs/img | img/s | batches timed |")
+    print("| model | steps | UNet evals/img | UNet params M | UNet GMACs/img | img/s (median batch) | batches timed |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['steps']} | {r['unet_evals']:.0f} | {r['params_m']:.1f} | {r['gmacs']:.1f} | "
