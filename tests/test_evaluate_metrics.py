@@ -166,3 +166,12 @@ def test_extract_features_batches_like_one_pass():
     np.testing.assert_allclose(pool3, pool.double().numpy(), rtol=1e-5, atol=1e-6)
     mu, sigma = feature_statistics(pool3)
     assert mu.shape == (12,) and sigma.shape == (12, 12)
+
+
+def test_shipped_toy_classifier_loads_as_the_toy_feature_extractor():
+    from sd_distill.modelref import TOY_ASSETS
+
+    if not (TOY_ASSETS / "classifier" / "config.json").is_file():
+        pytest.skip("toy:classifier is not shipped in this checkout")
+    pool, logits = load_feature_extractor("toy:classifier").features(torch.rand(2, 3, 32, 32))
+    assert pool.shape[0] == 2 and logits.shape == (2, 18)

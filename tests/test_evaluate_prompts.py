@@ -87,3 +87,15 @@ def test_params_reject_unknown_metric_and_bad_steps():
         EvaluateParams(steps=[0])
     with pytest.raises(ValueError, match="Extra inputs"):
         EvaluateParams(guidance=7.5)
+
+
+def test_toy_params_read_the_toy_worlds_eval_prompt_files(tmp_path):
+    from sd_distill.evaluate.config import toy_evaluate_params
+    from sd_distill.toy.sources import make_eval_prompts
+
+    make_eval_prompts(tmp_path, n=6, per_style=2)
+    params = toy_evaluate_params(str(tmp_path), max_coco_prompts=4)
+    assert params.resolution == 32 and params.feature_extractor == "toy:classifier"
+    sets = load_prompt_sets(params)
+    assert [s.name for s in sets] == ["coco", "hpsv2-anime", "hpsv2-concept-art", "hpsv2-paintings", "hpsv2-photo"]
+    assert len(sets[0]) == 4 and all(p.is_file() for p in sets[0].reference_images)
