@@ -89,3 +89,16 @@ def test_speed_record_counts_evals_params_and_macs(tiny_teacher, tiny_student):
     # MACs grow with the latent area: 4x the pixels, about 4x the convolution work
     assert 3.0 < unet_macs_per_eval(teacher, 64) / unet_macs_per_eval(teacher, 32) <= 4.5
     assert measure_latency(teacher, ["a", "b"], 2, 1.0, 32)["unet_evals_per_image"] == 2  # guidance 1: no CFG
+
+
+def test_generated_images_are_decoded_lazily_and_missing_ones_named(tmp_path):
+    from sd_distill.evaluate.generate import LazyImages, load_images
+
+    for i in range(3):
+        Image.new("L", (4, 4), i * 50).save(tmp_path / f"{i:05d}.png")
+    images = load_images(tmp_path, 3)
+    assert isinstance(images, LazyImages) and len(images) == 3
+    batch = images[1:3]
+    assert [im.mode for im in batch] == ["RGB", "RGB"] and batch[1].getpixel((0, 0)) == (100, 100, 100)
+    with pytest.raises(FileNotFoundError, match="1 generated images missing"):
+        load_images(tmp_path, 4)

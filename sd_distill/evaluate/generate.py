@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -193,12 +194,31 @@ def generation_summary(folder: Path) -> dict:
     return meta["summary"]
 
 
-def load_images(folder: Path, n: int):
-    """Images ``00000.png .. <n-1>.png`` of a folder as PIL images (RGB)."""
-    from PIL import Image
+class LazyImages(Sequence):
+    """Image files as a read-only sequence of RGB PIL images, decoded on access (5,000 512 px images stay on disk).
 
+    Indexing with a slice returns a list, so batched consumers (``images[i:i + b]``) hold one batch at a time.
+    """
+
+    def __init__(self, paths: list[Path]):
+        self.paths = [Path(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        with Image.open(self.paths[index]) as im:
+            return im.convert("RGB")
+
+
+def load_images(folder: Path, n: int) -> LazyImages:
+    """Images ``00000.png .. <n-1>.png`` of a folder (decoded lazily); a clear error if any is missing."""
     paths = [Path(folder) / f"{i:05d}.png" for i in range(n)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} generated images missing in {folder}, e.g. {missing[:3]}")
-    return [Image.open(p).convert("RGB") for p in paths]
+    return LazyImages(paths)

@@ -17,7 +17,7 @@ import numpy as np
 from sd_distill.progress import ProgressFn, report
 
 from .config import EvaluateParams, ModelSpec
-from .generate import generate_images, generation_summary, load_images, load_pipeline
+from .generate import LazyImages, generate_images, generation_summary, load_images, load_pipeline
 from .metrics.fid import feature_statistics, frechet_distance
 from .metrics.features import extract_features
 from .metrics.inception_score import inception_score
@@ -31,7 +31,12 @@ __all__ = ["evaluate", "generate_images", "compute_metrics", "build_report", "re
 
 def reference_statistics(params: EvaluateParams, prompt_set: PromptSet, ref_dir: Path,
                          models: MetricModels | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """FID (mu, Sigma) of the set's reference images, cached in ``ref_dir`` per extractor, image list and size."""
+    """FID (mu, Sigma) of the set's reference images, cached in ``ref_dir`` per extractor, image list and size.
+
+    The reference images (COCO val2017: various sizes) are center-cropped to a square and resized
+    (bicubic) to the generated resolution before feature extraction, so both sets are compared at
+    the same scale; the extractor then resizes both alike (299 px for the FID Inception).
+    """
     if not prompt_set.reference_images:
         raise ValueError(f"prompt set {prompt_set.name!r} has no reference images for FID")
     key = hashlib.sha256(json.dumps([params.feature_extractor, params.inception_weights, params.resolution,
@@ -40,10 +45,8 @@ def reference_statistics(params: EvaluateParams, prompt_set: PromptSet, ref_dir:
     if path.is_file():
         data = np.load(path)
         return data["mu"], data["sigma"]
-    from PIL import Image
-
     models = models or MetricModels(params)
-    images = [Image.open(p).convert("RGB") for p in prompt_set.reference_images]
+    images = LazyImages(prompt_set.reference_images)  # decoded one batch at a time
     pool, _ = extract_features(models.extractor(), images, size=params.resolution)
     mu, sigma = feature_statistics(pool)
     path.parent.mkdir(parents=True, exist_ok=True)
