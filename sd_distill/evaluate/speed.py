@@ -3,12 +3,13 @@
 MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one UNet forward of a single
 latent at the evaluation resolution (conv, linear, matmul and attention FLOPs; MACs = FLOPs / 2).
 Per image: MACs per evaluation x UNet evaluations per image (2 per step with CFG, 1 for a
-w-conditioned student). Latency is wall time per image at batch size 1 after a warm-up image,
+w-conditioned student). Latency is the median wall time per image at batch size 1 after a warm-up image,
 text encoding and VAE decoding included, the GPU synchronised.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -49,25 +50,27 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def measure_latency(pipe, prompts: list[str], steps: int, guidance_scale: float, resolution: int, seed: int = 0,
                     warmup: int = 1) -> dict:
-    """Seconds per image at batch size 1 and UNet evaluations per image, over ``prompts`` (after warm-up)."""
+    """Median seconds per image at batch size 1 over ``prompts`` (after warm-up), and UNet evaluations per image.
+
+    The median keeps a busy machine's outliers out; ``latency_mean_s`` is reported beside it.
+    """
     if not prompts:
         raise ValueError("measure_latency needs at least one prompt")
     device = pipe.unet.device
 
-    def one(i: int, prompt: str) -> None:
+    def one(i: int, prompt: str) -> float:
+        start = time.perf_counter()
         pipe(prompt=[prompt], num_inference_steps=steps, guidance_scale=guidance_scale, height=resolution,
              width=resolution, generator=prompt_generators(seed, [i]), output_type="pil")
+        _sync(device)
+        return time.perf_counter() - start
 
     for i in range(warmup):
         one(i, prompts[i % len(prompts)])
-    _sync(device)
-    start = time.perf_counter()
     with UNetEvalCounter(pipe.unet) as counter:
-        for i, prompt in enumerate(prompts):
-            one(i, prompt)
-        _sync(device)
-    seconds = time.perf_counter() - start
-    return {"latency_s": seconds / len(prompts), "unet_evals_per_image": counter.evals / len(prompts)}
+        times = [one(i, prompt) for i, prompt in enumerate(prompts)]
+    return {"latency_s": statistics.median(times), "latency_mean_s": statistics.fmean(times),
+            "unet_evals_per_image": counter.evals / len(prompts)}
 
 
 def speed_record(pipe, prompts: list[str], steps: int, guidance_scale: float, resolution: int, seed: int = 0) -> dict:
