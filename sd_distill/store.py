@@ -219,19 +219,47 @@ class StageStore:
         if existing is not None:
             yield StageBuild(stage, key, existing.path if self.is_local else Path(), manifest=existing, reused=True)
             return
-        base = self.root if self.is_local else None
-        if base:
-            os.makedirs(f"{base}/{stage}", exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=f"{base}/{stage}"))
+        with self._lock(stage, key):
+            # another build of the same key may have finished while we waited for the lock
+            existing = self.find(stage, key)
+            if existing is not None:
+                yield StageBuild(stage, key, existing.path if self.is_local else Path(), manifest=existing, reused=True)
+                return
+            base = self.root if self.is_local else None
+            if base:
+                os.makedirs(f"{base}/{stage}", exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=f"{base}/{stage}"))
+            else:
+                tmp = Path(tempfile.mkdtemp(prefix=f"stage-{key}-"))
+            b = StageBuild(stage, key, tmp)
+            try:
+                yield b
+                b.manifest = self._commit(b, params, upstream, code_version)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+    @contextmanager
+    def _lock(self, stage: str, key: str) -> Iterator[None]:
+        """One builder per stage key at a time (an flock on ``<root>/<stage>/.<key>.lock``).
+
+        Two identical runs started together: the second waits, then reuses the first's folder
+        instead of building it again in the same work folders. Remote stores lock per machine
+        (a lock file in the local temp folder); the atomic move still leaves one intact winner.
+        """
+        import fcntl
+
+        if self.is_local:
+            os.makedirs(f"{self.root}/{stage}", exist_ok=True)
+            path = f"{self.root}/{stage}/.{key}.lock"
         else:
-            tmp = Path(tempfile.mkdtemp(prefix=f"stage-{key}-"))
-        b = StageBuild(stage, key, tmp)
-        try:
-            yield b
-            b.manifest = self._commit(b, params, upstream, code_version)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            path = os.path.join(tempfile.gettempdir(), f"sd-distill-{hashlib.sha256(self.folder(stage, key).encode()).hexdigest()[:16]}.lock")
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _commit(self, b: StageBuild, params: Any, upstream: Sequence[Manifest], code_version: str) -> Manifest:
         files = []

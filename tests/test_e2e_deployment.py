@@ -168,7 +168,8 @@ def cluster_ui_check(ui_url: str, run_id: str, artifact_keys: set[str]) -> None:
         # the teacher-vs-student grid, as the Artifacts page shows it
         grids = sorted(k for k in artifact_keys if k and k.startswith("evaluate-grid-"))
         page.goto(f"{ui_url}/artifacts/key/{grids[0]}", wait_until="networkidle")
-        page.locator("img").first.wait_for(timeout=30000)
+        page.locator("a[href*='/artifacts/artifact/']").first.click()
+        page.locator("img[src^='data:image/png']").first.wait_for(timeout=30000)
         page.screenshot(path=str(shots / "evaluate-grid.png"), full_page=True)
         browser.close()
     assert (shots / "evaluate-grid.png").stat().st_size > 10_000

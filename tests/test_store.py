@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -42,28 +43,31 @@ def test_crash_leaves_no_finished_looking_folder(tmp_path):
             (b.path / "half.txt").write_text("partial")
             raise RuntimeError("boom")
     assert store.manifests("s") == []
-    assert list((tmp_path / "s").iterdir()) == [], "the temporary folder is removed"
+    assert [p for p in (tmp_path / "s").iterdir() if not p.name.startswith(".")] == [], "the temporary folder is removed"
 
 
-def test_concurrent_identical_builds_have_one_winner(tmp_path):
+def test_concurrent_identical_builds_have_one_winner_and_no_duplicate_work(tmp_path):
     store = StageStore(tmp_path)
-    barrier = threading.Barrier(4)
-    results = []
+    start = threading.Barrier(4)
+    results, built = [], []
 
     def build(i):
+        start.wait()
         with store.build("race", {"same": True}) as b:
-            (b.path / "out.txt").write_text(f"writer {i}")
-            barrier.wait()
+            if not b.reused:
+                built.append(i)
+                (b.path / "out.txt").write_text(f"writer {i}")
+                time.sleep(0.2)  # the others arrive while this build is still running
         results.append(b.manifest)
 
     threads = [threading.Thread(target=build, args=(i,)) for i in range(4)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    assert len({m.key for m in results}) == 1
-    winner = (results[0].path / "out.txt").read_text()
-    assert all((m.path / "out.txt").read_text() == winner for m in results)
+    assert len(built) == 1, "the lock lets one build run; the others reuse its folder"
+    assert len({m.key for m in results}) == 1 and len(results) == 4
+    assert (results[0].path / "out.txt").read_text() == f"writer {built[0]}"
     assert store.verify(results[0]) == []
-    assert [p.name for p in (tmp_path / "race").iterdir()] == [results[0].key]
+    assert [p.name for p in (tmp_path / "race").iterdir() if not p.name.startswith(".")] == [results[0].key]
 
 
 def test_fsspec_memory_store_round_trip():
