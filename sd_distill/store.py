@@ -241,7 +241,7 @@ class StageStore:
 
     @contextmanager
     def _lock(self, stage: str, key: str) -> Iterator[None]:
-        """One builder per stage key at a time (an flock on ``<root>/<stage>/.<key>.lock``).
+        """One builder per stage key at a time (an flock on ``<root>/_locks/<stage>/<key>.lock``).
 
         Two identical runs started together: the second waits, then reuses the first's folder
         instead of building it again in the same work folders. Remote stores lock per machine
@@ -250,8 +250,8 @@ class StageStore:
         import fcntl
 
         if self.is_local:
-            os.makedirs(f"{self.root}/{stage}", exist_ok=True)
-            path = f"{self.root}/{stage}/.{key}.lock"
+            os.makedirs(f"{self.root}/_locks/{stage}", exist_ok=True)
+            path = f"{self.root}/_locks/{stage}/{key}.lock"
         else:
             path = os.path.join(tempfile.gettempdir(), f"sd-distill-{hashlib.sha256(self.folder(stage, key).encode()).hexdigest()[:16]}.lock")
         with open(path, "a") as handle:
