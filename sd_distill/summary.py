@@ -7,12 +7,16 @@ from pathlib import Path
 from typing import Any
 
 
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _counts_lines(counts: dict[str, Any]) -> list[str]:
     lines = []
     per_source = counts.get("per_source") or counts.get("sources")
     scalars = {k: v for k, v in counts.items() if isinstance(v, (int, float, str))}
     if scalars:
-        lines.append(", ".join(f"{k}: {v}" for k, v in scalars.items()))
+        lines.append(", ".join(f"{k}: {_fmt(v)}" for k, v in scalars.items()))
     if isinstance(per_source, dict):
         lines.append("")
         lines.append("| source | " + " | ".join(sorted({k for v in per_source.values() for k in v if not isinstance(v[k], dict)})) + " |")

@@ -17,7 +17,8 @@ from sd_distill.distill.methods.config import MethodConfig
 class TrainerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_steps: int = Field(200, ge=1)  # optimizer steps per phase; 200 converges the toy student, SD 1.5 needs ~10k
+    max_steps: int = Field(600, ge=1)  # optimizer steps per phase; toy student: 600 (FID 206 vs 212.7 for the
+    # teacher's own 8 steps; 200 steps gave 212.8), about 2 CPU-minutes; SD 1.5 needs ~10k
     batch_size: int = Field(8, ge=1)  # micro-batch per process; effective batch = batch_size x grad_accum x processes
     grad_accum: int = Field(1, ge=1)  # micro-batches accumulated per optimizer step
     lr: float = Field(1e-4, gt=0)  # peak AdamW learning rate (toy); 1e-5 is the usual value for SD-sized students
