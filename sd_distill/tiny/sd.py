@@ -33,7 +33,9 @@ def _bytes_to_unicode() -> dict[int, str]:
 def write_clip_tokenizer(folder: str | Path, words: Iterable[str] = (), model_max_length: int = 77) -> Path:
     """Write a CLIPTokenizer folder (vocab.json, merges.txt) with a byte alphabet plus whole-word merges.
 
-    Every byte is a token, so any text tokenizes; each word in ``words`` becomes a single token.
+    Every byte is a token, so any text tokenizes. Each word in ``words`` gets a left-to-right merge chain;
+    BPE applies merges by global rank, so where two words' chains clash (a lower-ranked pair inside a
+    longer word, e.g. "orange") the word ends up as a few sub-word tokens instead of one.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
