@@ -11,6 +11,7 @@ deployments on a GPU work pool (``run_deployment``); by default every stage runs
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,7 +58,7 @@ def _jsonable(value: Any) -> Any:
 
 def run_stage(flow_fn, deployment: Optional[str], gpu: bool, **kwargs) -> Manifest:
     """Run a stage flow inline, or as its deployment (waiting for it) when one is named."""
-    with concurrency(GPU_LIMIT, occupy=1, strict=False) if gpu else _nothing():
+    with concurrency(GPU_LIMIT, occupy=1, strict=False) if gpu else nullcontext():
         if not deployment:
             return flow_fn(**kwargs)
         logger = get_run_logger()
@@ -66,14 +67,6 @@ def run_stage(flow_fn, deployment: Optional[str], gpu: bool, **kwargs) -> Manife
         if not run.state.is_completed():
             raise RuntimeError(f"stage deployment {deployment} ended {run.state.name}: {run.state.message}")
         return run.state.result()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @flow(name="curate-and-distill", persist_result=True, log_prints=True)
