@@ -173,3 +173,20 @@ def cluster_ui_check(ui_url: str, run_id: str, artifact_keys: set[str]) -> None:
         page.screenshot(path=str(shots / "evaluate-grid.png"), full_page=True)
         browser.close()
     assert (shots / "evaluate-grid.png").stat().st_size > 10_000
+
+
+def test_parent_runs_distill_as_its_own_deployment(cluster, tmp_path):
+    """With stage_deployments.distill = "distill/gpu" the parent starts that deployment (run_deployment),
+    waits for it, and continues with the student it returned."""
+    env, _, _, api_url = cluster
+    store = tmp_path / "store"
+    run_id = _start(env, "curate-and-distill/demo",
+                    {**SMALL, "store_root": str(store), "stage_deployments": {"distill": "distill/gpu"}})
+    assert _wait(api_url, run_id) == "COMPLETED"
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with _client(api_url) as client:
+        gpu_runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["gpu"])))
+    distill_runs = [r for r in gpu_runs if str(r.parameters.get("store_root")) == str(store)]
+    assert len(distill_runs) == 1 and distill_runs[0].state.is_completed()
+    assert "| student | student | 8 |" in (store / "latest-summary.md").read_text()
