@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from sd_distill.progress import ProgressFn, report
+from sd_distill.progress import ProgressFn
+from sd_distill.toy._loop import log_progress, optimizer_step
 from sd_distill.toy.world import WORDS, canonical, caption_accuracy, caption_for, make_samples
 
 
@@ -74,14 +75,8 @@ def train_toy_blip(out_dir: str | Path, cfg: ToyBlipConfig | None = None, progre
     for step in range(cfg.steps):
         idx = torch.randint(len(samples), (cfg.batch,), generator=g)
         out = model(pixel_values=pixels[idx], input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx])
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(out.loss.item())
-        if step % 50 == 0 or step == cfg.steps - 1:
-            report(progress, step + 1, cfg.steps, f"blip loss {np.mean(losses[-50:]):.3f}")
+        optimizer_step(out.loss, opt, losses, sched=sched, clip=model.parameters())
+        log_progress(progress, step, cfg.steps, "blip", losses)
     model.eval()
     model.save_pretrained(out_dir)
 

@@ -15,7 +15,8 @@ import torch
 from pydantic import BaseModel
 from PIL import ImageFilter
 
-from sd_distill.progress import ProgressFn, report
+from sd_distill.progress import ProgressFn
+from sd_distill.toy._loop import log_progress, optimizer_step
 from sd_distill.toy.classifier import HEADS, ToyAttributeClassifier, targets_for
 from sd_distill.toy.world import SHAPES, make_samples
 
@@ -71,13 +72,8 @@ def train_toy_classifier(out_dir: str | Path, cfg: ToyClassifierConfig | None = 
         idx = torch.randint(len(images), (cfg.batch,), generator=g)
         out = model(images[idx])  # no flip augmentation: it would swap left/right relations
         loss = sum(torch.nn.functional.cross_entropy(out[h], labels[h][idx]) for h in out)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == cfg.steps - 1:
-            report(progress, step + 1, cfg.steps, f"classifier loss {np.mean(losses[-50:]):.3f}")
+        optimizer_step(loss, opt, losses, sched=sched)
+        log_progress(progress, step, cfg.steps, "classifier", losses)
     model.eval()
     # held-out accuracy on fresh clean scenes (another seed)
     val = make_samples(cfg.n_val, seed=cfg.seed + 999, bad_fraction=0.0, image_size=cfg.image_size, prefix="val")

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from sd_distill.progress import ProgressFn, report
+from sd_distill.progress import ProgressFn
+from sd_distill.toy._loop import log_progress, optimizer_step
 from sd_distill.toy.world import boilerplate_caption, degrade_image, make_samples, paraphrase_for
 
 DEGRADE_KINDS = ("blur", "noise", "blank")
@@ -112,13 +113,8 @@ def train_toy_hps(out_dir: str | Path, cfg: ToyHPSConfig | None = None, progress
         img2txt = (scale * f_img[: cfg.batch] @ f_txt.T).masked_fill(mask, -1e4)  # x_i vs [p_1..B, q_1..B]
         txt2img = (scale * f_txt[: cfg.batch] @ f_img.T).masked_fill(mask, -1e4)  # p_i vs [x_1..B, d_1..B]
         loss = (torch.nn.functional.cross_entropy(img2txt, target) + torch.nn.functional.cross_entropy(txt2img, target)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == cfg.steps - 1:
-            report(progress, step + 1, cfg.steps, f"hps loss {np.mean(losses[-50:]):.3f}")
+        optimizer_step(loss, opt, losses, sched=sched)
+        log_progress(progress, step, cfg.steps, "hps", losses)
     model.eval()
     if cfg.save_fp16:
         model = model.half()

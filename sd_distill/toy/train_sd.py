@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from sd_distill.progress import ProgressFn, report
+from sd_distill.progress import ProgressFn
+from sd_distill.toy._loop import log_progress, optimizer_step
 from sd_distill.toy.world import WORDS, caption_for, make_samples, paraphrase_for
 
 
@@ -81,13 +82,8 @@ def train_vae(vae, images: torch.Tensor, cfg: ToySDConfig, progress: ProgressFn 
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(x.device)
         recon = vae.decode(z).sample
         loss = torch.nn.functional.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == cfg.vae_steps - 1:
-            report(progress, step + 1, cfg.vae_steps, f"vae loss {np.mean(losses[-50:]):.4f}")
+        optimizer_step(loss, opt, losses, clip=vae.parameters())
+        log_progress(progress, step, cfg.vae_steps, "vae", losses, digits=4)
     vae.eval()
     return losses
 
@@ -135,13 +131,8 @@ def train_unet(pipe, mean, std, captions, cfg: ToySDConfig, prediction_type: str
         zt = a * z0 + s * eps
         target = eps if prediction_type == "epsilon" else a * eps - s * z0
         loss = torch.nn.functional.mse_loss(unet(zt, t, cond).sample, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
-            report(progress, step + 1, steps, f"unet[{prediction_type}] loss {np.mean(losses[-50:]):.4f}")
+        optimizer_step(loss, opt, losses, clip=params)
+        log_progress(progress, step, steps, f"unet[{prediction_type}]", losses, digits=4)
     unet.eval()
     text_encoder.eval()
     text_encoder.requires_grad_(False)
