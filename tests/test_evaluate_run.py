@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sd_distill.evaluate import EvaluateParams, ModelSpec, evaluate
-from sd_distill.evaluate.report import build_report, table_columns
+from sd_distill.evaluate.report import GRID_HEADER, build_report, table_columns
 from tests._fixtures_evaluate import (  # noqa: F401
     coco_fixture, eval_root, hpsv2_fixture, tiny_classifier_folder, tiny_clip_folder, tiny_student, tiny_teacher)
 
@@ -58,7 +58,7 @@ def test_evaluate_builds_the_reference_table_for_teacher_and_w_conditioned_stude
     # grids: one row per model x steps (teacher at each step count, then the student), one column per prompt
     grid = Image.open(files["grids"][0])
     cell = 4 * 32
-    assert grid.size == (150 + 3 * (cell + 2), 3 * (cell + 2))
+    assert grid.size == (150 + 3 * (cell + 2), GRID_HEADER + 3 * (cell + 2))  # prompts written above the columns
     assert Image.open(files["plot"]).size[0] > 0
     assert len(list((tmp_path / "images" / "student" / "steps-4" / "coco").glob("*.png"))) == 5
 

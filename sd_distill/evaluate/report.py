@@ -70,8 +70,15 @@ def grid_rows(records: list[dict]) -> list[dict]:
     return sorted(records, key=lambda r: (r.get("kind") != "teacher", r["model"], r["steps"]))
 
 
-def image_grid(params: EvaluateParams, records: list[dict], set_name: str, out_path: Path, cell: int = 256) -> Path | None:
-    """A PNG grid: one row per model x steps, one column per prompt (same prompts and seeds in every row)."""
+GRID_HEADER = 40  # pixels above the grid for the prompts, when they are known
+
+
+def image_grid(params: EvaluateParams, records: list[dict], set_name: str, out_path: Path, cell: int = 256,
+               prompts: list[str] | None = None) -> Path | None:
+    """A PNG grid: one row per model x steps, one column per prompt (same prompts and seeds in every row),
+    with each column's prompt written above it when ``prompts`` is given."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
     rows = [r for r in grid_rows(records) if set_name in r.get("images", {})]
@@ -83,10 +90,14 @@ def image_grid(params: EvaluateParams, records: list[dict], set_name: str, out_p
         return None
     size = min(cell, params.resolution * 4 if params.resolution < 64 else cell)
     label_w, pad = 150, 2
-    grid = Image.new("RGB", (label_w + n * (size + pad), len(rows) * (size + pad)), "white")
+    header = GRID_HEADER if prompts else 0
+    grid = Image.new("RGB", (label_w + n * (size + pad), header + len(rows) * (size + pad)), "white")
     draw = ImageDraw.Draw(grid)
+    for x, prompt in enumerate((prompts or [])[:n]):
+        lines = textwrap.wrap(prompt, width=max(8, size // 6))[:3]
+        draw.text((label_w + x * (size + pad) + 2, 2), "\n".join(lines), fill="black")
     for y, r in enumerate(rows):
-        top = y * (size + pad)
+        top = header + y * (size + pad)
         draw.text((4, top + size // 2 - 12), f"{r['model']}\n{r['steps']} steps", fill="black")
         for x in range(n):
             with Image.open(Path(r["images"][set_name]) / f"{x:05d}.png") as im:
@@ -125,12 +136,23 @@ def metric_plot(params: EvaluateParams, records: list[dict], out_path: Path) -> 
     return out_path
 
 
+def _prompt_texts(params: EvaluateParams) -> dict[str, list[str]]:
+    """Prompt set name -> prompts, for the grid headers; empty when the prompt files are not at hand."""
+    from .prompts import load_prompt_sets
+
+    try:
+        return {ps.name: list(ps.prompts) for ps in load_prompt_sets(params)}
+    except (OSError, ValueError):
+        return {}
+
+
 def build_report(params: EvaluateParams, results: list[dict], out_dir: Path) -> dict:
     """Write the table (md / csv / json), one grid per prompt set and the metrics plot; return the summary."""
     out_dir = Path(out_dir)
     files = {k: str(v) for k, v in write_table(params, results, out_dir).items()}
     sets = list(dict.fromkeys(s for r in results for s in r.get("images", {})))
-    grids = [image_grid(params, results, s, out_dir / "grids" / f"{s}.png") for s in sets]
+    prompts = _prompt_texts(params)
+    grids = [image_grid(params, results, s, out_dir / "grids" / f"{s}.png", prompts=prompts.get(s)) for s in sets]
     files["grids"] = [str(g) for g in grids if g is not None]
     plot = metric_plot(params, results, out_dir / "metrics_vs_steps.png")
     if plot is not None:
