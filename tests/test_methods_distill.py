@@ -16,11 +16,16 @@ N = 1  # student steps; the teacher reference runs 2N (trailing grid: 999 -> fin
 GUIDANCE = 5.0  # the guidance scale s trained and evaluated (diffusers form)
 STEPS, LR = 60, 1e-4  # Adam steps per phase and learning rate
 W_STEPS, W_LR = 100, 3e-4  # w_conditioned: the zero-initialised guidance input needs more steps / a larger rate
+# Known gap: w_conditioned with a sample-prediction teacher meets the bar on this test's noise seed, but on 1 of
+# 10 other seeds only (mean distance 0.38 vs the 1-step teacher's 0.23; the halving stage is where it falls
+# short). Not strict, so the lucky pass is not counted as done; see the issue notes.
+SEED_DEPENDENT = pytest.mark.xfail(strict=False, reason="w_conditioned + sample teacher passes on this seed only")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prediction_type, kind", [
-    (p, k) for k in ("cfg_aware", "progressive", "w_conditioned") for p in PREDICTION_TYPES])
+    (p, k) if (k, p) != ("w_conditioned", "sample") else pytest.param(p, k, marks=SEED_DEPENDENT)
+    for k in ("cfg_aware", "progressive", "w_conditioned") for p in PREDICTION_TYPES])
 def test_student_n_steps_lands_closer_to_guided_teacher_2n_than_teacher_n(load_tiny_teacher, kind, prediction_type):
     teacher = load_tiny_teacher(prediction_type)
     batch = prompt_batch(teacher)
