@@ -1,12 +1,14 @@
 """The one mechanism every stage task shares: stage store + Prefect cache + progress artifact.
 
-A stage task is a thin wrapper around one library call ``fn(out_dir, progress) -> counts``.
+A stage task is a thin wrapper around one library call ``fn(out_dir, inputs, progress) -> counts``
+(``inputs``: local folders of the upstream stages).
 ``stage_task`` turns it into a Prefect task whose cache key *is* the stage-store key, so:
 
 - a rerun with the same inputs shows a ``Cached`` state and costs nothing;
 - a retried flow run resumes at the first stage whose folder is not in the store;
-- if the store folder was deleted, the cache key is withheld and the stage is rebuilt
-  (Prefect never hands back a manifest whose files are gone).
+- if the store folder was deleted, the cache key is varied and the stage is rebuilt
+  (Prefect never hands back a manifest whose files are gone);
+- two identical builds at once: the store's lock lets one build, the other reuses its folder.
 """
 
 from __future__ import annotations
@@ -192,6 +194,3 @@ def stage_task(
 
     return decorate
 
-
-def local_path(manifest: Manifest) -> Path:
-    return manifest.path
