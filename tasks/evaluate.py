@@ -37,9 +37,9 @@ def evaluate_model(params, upstream, store_root, suffix):
     eval_params, model = params
 
     def fn(out, inputs, progress):
-        summary = lib.evaluate(eval_params, [model], out, progress)
-        (out / "records.json").write_text(json.dumps(_relative(summary["records"], out), indent=1))
-        return {"rows": summary["rows"]}
+        records = lib.model_records(eval_params, [model], out, progress)
+        (out / "records.json").write_text(json.dumps(_relative(records, out), indent=1))
+        return {"rows": len(records)}
 
     return fn
 

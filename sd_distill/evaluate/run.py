@@ -26,7 +26,7 @@ from .prompts import PromptSet, load_prompt_sets
 from .report import build_report, hps_key
 from .speed import speed_record
 
-__all__ = ["evaluate", "generate_images", "compute_metrics", "build_report", "reference_statistics"]
+__all__ = ["evaluate", "model_records", "generate_images", "compute_metrics", "build_report", "reference_statistics"]
 
 
 def reference_statistics(params: EvaluateParams, prompt_set: PromptSet, ref_dir: Path,
@@ -94,11 +94,10 @@ def _hps_means(params: EvaluateParams, row: dict) -> None:
             row[hps_key(version, "mean")] = float(np.mean(vals))
 
 
-def evaluate(params: EvaluateParams, models: list[ModelSpec], out_dir: Path, progress: ProgressFn | None = None) -> dict:
-    """Evaluate every model at its step counts; write images, table, grids and plot under ``out_dir``.
-
-    Returns the summary: ``rows``, ``columns``, ``records`` (one dict per model x steps), ``files``.
-    """
+def model_records(params: EvaluateParams, models: list[ModelSpec], out_dir: Path,
+                  progress: ProgressFn | None = None) -> list[dict]:
+    """Generate, score and time every model at its step counts (images under ``out_dir``); one record per
+    model x steps on the main process (an empty list on the others). No report: see ``evaluate``."""
     from accelerate import PartialState
 
     if not models:
@@ -132,8 +131,20 @@ def evaluate(params: EvaluateParams, models: list[ModelSpec], out_dir: Path, pro
             done += 1
             report(progress, done, total, f"evaluated {model.name} at {steps} steps")
         del pipe
-    if not state.is_main_process:
+    return records
+
+
+def evaluate(params: EvaluateParams, models: list[ModelSpec], out_dir: Path, progress: ProgressFn | None = None) -> dict:
+    """Evaluate every model at its step counts; write images, table, grids and plot under ``out_dir``.
+
+    Returns the summary: ``rows``, ``columns``, ``records`` (one dict per model x steps), ``files``.
+    """
+    from accelerate import PartialState
+
+    records = model_records(params, models, out_dir, progress)
+    if not PartialState().is_main_process:
         return {"rows": 0, "records": [], "files": {}}
+    sets = load_prompt_sets(params)
     summary = build_report(params, records, out_dir)
     summary["prompt_sets"] = {s.name: len(s) for s in sets}
     (out_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "markdown"}, indent=1))
