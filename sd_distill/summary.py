@@ -18,10 +18,8 @@ def _counts_lines(counts: dict[str, Any]) -> list[str]:
     if scalars:
         lines.append(", ".join(f"{k}: {_fmt(v)}" for k, v in scalars.items()))
     if isinstance(per_source, dict):
-        lines.append("")
-        lines.append("| source | " + " | ".join(sorted({k for v in per_source.values() for k in v if not isinstance(v[k], dict)})) + " |")
         keys = sorted({k for v in per_source.values() for k in v if not isinstance(v[k], dict)})
-        lines.append("|---" * (len(keys) + 1) + "|")
+        lines += ["", "| source | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for name, row in per_source.items():
             lines.append(f"| {name} | " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
     return lines
