@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
+import fsspec
 from prefect import flow, get_run_logger
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
@@ -90,11 +91,11 @@ def curate_and_distill(
     report = run_stage(evaluate_flow, stage_deployments.evaluate, True, models=models, params=evaluate,
                        toy_prompts=toy_eval_prompts, store_root=root)
     toy = None
-    if evaluate is None and "://" not in root and all(src.kind == "toy" for src in curate.sources):
+    if evaluate is None and all(src.kind == "toy" for src in curate.sources):
         toy = toy_world_measures(shards, report, root)
     summary = run_summary(shards, student, report, toy=toy)
-    if "://" not in root:
-        (Path(root) / "latest-summary.md").write_text(summary)
+    with fsspec.open(f"{root}/latest-summary.md", "w") as f:  # local folder or object store alike
+        f.write(summary)
     publish_markdown(summary, "run-summary", "curate-and-distill: counts, scores, the results table, where the files are")
     print(summary)
     return summary

@@ -17,14 +17,19 @@ def allow_download() -> bool:
 
 
 def resolve_model_ref(ref: str) -> str:
-    """A local folder path for ``toy:<name>`` and existing folders; hub ids are returned unchanged."""
+    """A local folder path for ``toy:<name>``, existing folders and stage folders in a remote store
+    (``s3://.../distill/student/<key>``: copied once into the stage cache); hub ids are returned unchanged."""
     if ref.startswith("toy:"):
         path = TOY_ASSETS / ref[len("toy:"):]
         if not path.exists():
             known = sorted(p.name for p in TOY_ASSETS.iterdir()) if TOY_ASSETS.exists() else []
             raise FileNotFoundError(f"toy model {ref!r} is not shipped; known toy models: {known}")
         return str(path)
-    p = Path(ref).expanduser()
+    if "://" in ref and not ref.startswith("file://"):
+        from sd_distill.store import load_manifest
+
+        return str(load_manifest(ref).path)
+    p = Path(ref.removeprefix("file://")).expanduser()
     if p.exists():
         return str(p.resolve())
     if ref.startswith((".", "/", "~")):

@@ -7,7 +7,8 @@ complete, so a crash never leaves a half-written folder that looks finished;
 two identical builds racing each other end with one winner and an intact folder.
 
 ``root`` is a local path (the normal case) or any fsspec URL (``s3://bucket/x``,
-``memory://``...). Remote stores build locally and upload, then move into place.
+``memory://``...). Remote stores build locally, upload the files, then the manifest: a folder is
+finished when its manifest exists.
 
 Usage::
 
@@ -26,7 +27,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,9 +92,14 @@ class Manifest:
 
     @property
     def path(self) -> Path:
-        """The folder as a local path (local stores only)."""
+        """The folder as a local path: the folder itself, or for a remote store (``s3://...``) a local copy.
+
+        Stage folders never change once written (their name is the hash of their inputs), so a remote
+        folder is downloaded once into the stage cache (``$SD_DISTILL_CACHE``, default
+        ``~/.cache/curate-and-distill/stages``), checked against the manifest's sha256 sums, and reused.
+        """
         if "://" in self.uri and not self.uri.startswith("file://"):
-            raise ValueError(f"stage {self.stage}/{self.key} lives at {self.uri}; use StageStore.local_copy()")
+            return cached_copy(self)
         return Path(self.uri.removeprefix("file://"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,6 +135,37 @@ class StageBuild:
     extra: dict[str, Any] = field(default_factory=dict)
     manifest: Manifest | None = None
     reused: bool = False
+
+
+def stage_cache_dir() -> Path:
+    """Where remote stage folders are copied to (``$SD_DISTILL_CACHE`` or ``~/.cache/curate-and-distill/stages``)."""
+    return Path(os.environ.get("SD_DISTILL_CACHE", Path.home() / ".cache" / "curate-and-distill" / "stages"))
+
+
+def cached_copy(manifest: Manifest) -> Path:
+    """A verified local copy of a remote stage folder, downloaded on first use (atomic rename, one winner)."""
+    fs, remote = fsspec.core.url_to_fs(manifest.uri)
+    # the URL's hash keeps two stores' folders apart even when stage and key agree
+    target = stage_cache_dir() / hashlib.sha256(manifest.uri.encode()).hexdigest()[:12] / manifest.stage / manifest.key
+    if (target / MANIFEST).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{manifest.key}.tmp-", dir=target.parent))
+    try:
+        fs.get(remote.rstrip("/") + "/", str(tmp) + "/", recursive=True)
+        for entry in manifest.files:
+            p = tmp / entry["path"]
+            if not p.is_file() or p.stat().st_size != entry["size"] or sha256_file(p) != entry["sha256"]:
+                raise OSError(f"{manifest.uri}/{entry['path']}: missing or not the file the manifest lists "
+                              "(size / sha256 differ); the remote stage folder was changed or is incomplete")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / MANIFEST).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 class StageStore:
@@ -287,10 +323,10 @@ class StageStore:
                 if self.find(b.stage, b.key) is None:
                     raise
             return self.find(b.stage, b.key)  # the winner's manifest
-        staging = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-        self.fs.put(str(b.path) + "/", staging + "/", recursive=True)
-        if self.fs.exists(f"{final}/{MANIFEST}"):
-            self.fs.rm(staging, recursive=True)
-        else:
-            self.fs.mv(staging, final, recursive=True)
+        # Object stores have no atomic folder rename: upload the files into place, then the manifest last.
+        # A folder counts as finished only once its manifest exists, so a crash mid-upload never looks done.
+        if self.find(b.stage, b.key) is None:
+            for entry in files:
+                self.fs.put_file(str(b.path / entry["path"]), f"{final}/{entry['path']}")
+            self.fs.put_file(str(b.path / MANIFEST), f"{final}/{MANIFEST}")
         return self.find(b.stage, b.key)
