@@ -144,6 +144,24 @@ class CaptionParams(_Params):
     device: str = "cpu"
 
 
+class DaskParams(_Params):
+    """The Dask cluster a partitioned run (``task_runner="dask"``) fans out on. Not part of any stage key:
+    where a partition ran does not change what it wrote."""
+
+    # An existing scheduler ("tcp://10.0.0.5:8786"); None = start a LocalCluster for the flow run.
+    address: Optional[str] = None
+    # LocalCluster workers; None = one per partition, at most the machine's CPU count.
+    n_workers: Optional[int] = Field(default=None, ge=1)
+    # LocalCluster workers as threads of the flow-run process (False) or as processes (True). Threads by
+    # default: the heavy work releases the GIL (img2dataset runs in its own processes, torch and Arrow
+    # release it) and threads start in milliseconds; processes pay a Python + torch import each.
+    processes: bool = False
+    # Tasks each worker runs at once; 1 = one partition's stage per worker (each loads its own models).
+    threads_per_worker: int = Field(default=1, ge=1)
+    # Serve the Dask dashboard on 127.0.0.1:8787 (needs bokeh); off by default, and never on another interface.
+    dashboard: bool = False
+
+
 class CurateParams(_Params):
     """Everything the curate stage needs; the Prefect flow takes this as one typed parameter."""
 
@@ -157,6 +175,15 @@ class CurateParams(_Params):
     # Captions longer than this many characters are rejected at collection (noise, spam, prompts
     # pasted many times); SD's CLIP tokenizer sees only 77 tokens anyway.
     max_caption_chars: int = Field(default=1000, ge=1)
+    # Contiguous sample ranges that download, score and recaption run over as separate stages (run in
+    # parallel, cached and rerun one by one); 1 = one stage per step. The filter and the shards are
+    # global, so every P gives the same dataset. Not part of the collect stage's key.
+    partitions: int = Field(default=1, ge=1)
+    # What runs the partitions' stages at once: "thread" = the flow run's own thread pool, "dask" = a Dask
+    # cluster (prefect-dask; see `dask`). Unused when partitions == 1.
+    task_runner: Literal["thread", "dask"] = "thread"
+    # The Dask cluster for task_runner="dask".
+    dask: DaskParams = Field(default_factory=DaskParams)
 
     @field_validator("sources")
     @classmethod
@@ -168,3 +195,9 @@ class CurateParams(_Params):
         if dupes:
             raise ValueError(f"source names must be unique, repeated: {dupes}; set SourceSpec.name")
         return sources
+
+    @model_validator(mode="after")
+    def _check_runner(self) -> "CurateParams":
+        if self.dask.address is not None and self.task_runner != "dask":
+            raise ValueError(f"dask.address is set but task_runner is {self.task_runner!r}; set task_runner='dask' to use it")
+        return self

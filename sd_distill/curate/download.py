@@ -39,6 +39,7 @@ from PIL import Image
 
 from sd_distill.curate.collect import SAMPLES_FILE
 from sd_distill.curate.config import CurateParams, DownloadParams
+from sd_distill.curate.partitions import partition_bounds
 from sd_distill.curate.schema import (
     DOWNLOADED_SCHEMA,
     IMAGE_COLUMNS,
@@ -179,9 +180,18 @@ def _with_extra(extra: str, **fields) -> str:
 
 
 def download_images(
-    params: CurateParams, sources_dir: Path, out_dir: Path, progress: ProgressFn | None = None, work_dir: Path | None = None
+    params: CurateParams,
+    sources_dir: Path,
+    out_dir: Path,
+    progress: ProgressFn | None = None,
+    work_dir: Path | None = None,
+    partition: tuple[int, int] | None = None,
 ) -> dict:
     """Download (or read) every collected sample's image; write ``downloaded.parquet`` and ``rejects.parquet``.
+
+    ``partition=(i, P)`` downloads only partition ``i`` of ``P`` (``sd_distill.curate.partitions``: a
+    contiguous range of the samples); images are de-duplicated within it, and the filter step removes
+    duplicates across partitions.
 
     img2dataset's raw shards live in ``work_dir`` (a persistent scratch folder the caller owns, e.g. the
     Prefect layer's per-stage work dir), else ``params.download.resume_dir``, else inside ``out_dir``;
@@ -195,6 +205,9 @@ def download_images(
     sources_dir, out_dir = Path(sources_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = read_table(sources_dir, SAMPLES_FILE, SAMPLE_COLUMNS)
+    if partition is not None:
+        lo, hi = partition_bounds(len(samples), *partition)
+        samples = samples.iloc[lo:hi].reset_index(drop=True)
     n = len(samples)
     job_id = hashlib.sha256(
         json.dumps([samples["key"].tolist(), dl.model_dump(mode="json", exclude={"resume_dir"})]).encode()

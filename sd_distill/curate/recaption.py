@@ -15,17 +15,23 @@ Columns added: ``caption`` (what training uses), ``caption_source`` (``original`
 ``generated:<captioner ref>``) and ``caption_reason`` (the choice and the cleaning rules applied). The
 generated caption and both similarities go into ``extra``. A sample with no usable caption at all is
 rejected (stage ``recaption``, reason ``no_usable_caption``).
+
+``recaption`` reads the filter step's ``scored.parquet``; ``recaption_partition`` does the same for one
+partition of a partitioned run, taking its kept rows from the partition's download folder and the
+global filter's decisions.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from sd_distill.curate.config import CurateParams
-from sd_distill.curate.filter import SCORED_FILE, decode_images
+from sd_distill.curate.filter import SCORED_FILE, decode_images, kept_rows
 from sd_distill.curate.schema import (
     CAPTION_COLUMNS,
     CAPTIONED_SCHEMA,
@@ -164,3 +170,27 @@ def recaption(
         "cleaned_originals": int(sum(bool(o.changes) for o in originals)),
         "per_source": per_source,
     }
+
+
+def recaption_partition(
+    params: CurateParams,
+    downloaded_dir: Path,
+    filter_dir: Path,
+    out_dir: Path,
+    progress: ProgressFn | None = None,
+    captioner=None,
+    scorer=None,
+) -> dict:
+    """``recaption`` for one partition: its kept rows (``filter_dir``'s decisions on ``downloaded_dir``).
+
+    The kept rows with their images are staged in a temporary folder inside ``out_dir`` and removed
+    before returning, so ``out_dir`` holds what ``recaption`` writes and nothing else.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".kept-", dir=out_dir))
+    try:
+        kept_rows(downloaded_dir, filter_dir, staging / SCORED_FILE)
+        return recaption(params, staging, out_dir, progress=progress, captioner=captioner, scorer=scorer)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

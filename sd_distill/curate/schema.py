@@ -5,7 +5,9 @@ Every step's table is a Parquet file in its stage folder:
 - ``samples.parquet`` (collect): ``SAMPLE_COLUMNS`` (``local_path``: an absolute path or fsspec URL, or
   a path relative to the collect folder for images stored inside it; ``extra``: a JSON object);
 - ``downloaded.parquet`` (download): ``SAMPLE_COLUMNS`` + image, width, height, sha256;
-- ``scored.parquet`` (filter): + hps_score, hps_version;
+- ``scores.parquet`` (score): ``SCORES_SCHEMA``, every downloaded row's key, sha256 and HPS score (no images);
+- ``decisions.parquet`` (filter): ``DECISIONS_SCHEMA``, the global keep rule's verdict per scored row;
+- ``scored.parquet`` (filter): the kept rows, ``SAMPLE_COLUMNS`` + image columns + hps_score, hps_version;
 - ``captioned.parquet`` (recaption): + caption, caption_source, caption_reason;
 - ``rejects.parquet`` (every step): ``REJECT_COLUMNS``, one row per input row the step dropped.
 
@@ -33,6 +35,11 @@ SCORED_SCHEMA = DOWNLOADED_SCHEMA.append(pa.field("hps_score", pa.float32())).ap
 CAPTIONED_SCHEMA = SCORED_SCHEMA.append(pa.field("caption", _STR)).append(pa.field("caption_source", _STR)).append(
     pa.field("caption_reason", _STR)
 )
+SCORES_SCHEMA = pa.schema(
+    [("key", _STR), ("source", _STR), ("url", _STR), ("caption_original", _STR), ("sha256", _STR),
+     ("hps_score", pa.float32()), ("hps_version", _STR)]
+)
+DECISIONS_SCHEMA = pa.schema([("key", _STR), ("kept", pa.bool_()), ("hps_score", pa.float32()), ("hps_version", _STR)])
 SAMPLE_COLUMNS = SAMPLE_SCHEMA.names
 IMAGE_COLUMNS = ["image", "width", "height", "sha256"]
 SCORE_COLUMNS = ["hps_score", "hps_version"]

@@ -51,26 +51,40 @@ CURATED_SCHEMA = pa.schema(
 )
 
 
-def write_shards(params: CurateParams, captioned_dir: Path, upstream_rejects: Sequence[Path], out_dir: Path) -> dict:
+def write_shards(
+    params: CurateParams, captioned_dir: Path | Sequence[Path], upstream_rejects: Sequence[Path], out_dir: Path
+) -> dict:
     """Write the part files and the merged rejects; return per-source counts (in = kept + rejected, checked).
 
-    ``upstream_rejects``: the folders of the earlier steps (collect, download, filter); their
-    ``rejects.parquet`` files are merged with the recaption step's. When the collect folder is among
-    them, every collected key must appear exactly once in kept or rejected (AssertionError otherwise).
+    ``captioned_dir``: the recaption step's folder, or the folders of every partition in index order
+    (partitions are contiguous ranges of the samples, so their concatenation is in sample order and
+    the parts come out as an unpartitioned run writes them). ``upstream_rejects``: the folders of the
+    earlier steps (collect, download(s), filter); their ``rejects.parquet`` files are merged with the
+    recaption steps'. When the collect folder is among them, every collected key must appear exactly
+    once in kept or rejected (AssertionError otherwise).
+
+    Merged rejects are ordered by stage (collect, download, filter, recaption), then by sample order,
+    and a ``duplicate_image`` reject names the key finally kept (a partition's first copy of an image
+    may itself be a duplicate of an earlier partition's), so they too do not depend on the partitioning.
     """
-    captioned_dir, out_dir = Path(captioned_dir), Path(out_dir)
+    captioned_dirs = [Path(captioned_dir)] if isinstance(captioned_dir, (str, Path)) else [Path(d) for d in captioned_dir]
+    if not captioned_dirs:
+        raise ValueError("write_shards needs at least one captioned folder")
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     required = CURATED_COLUMNS + EXTRA_COLUMNS
-    kept = read_table(captioned_dir, CAPTIONED_FILE, required, columns=["key", "source"])
+    kept = pd.concat([read_table(d, CAPTIONED_FILE, required, columns=["key", "source"]) for d in captioned_dirs], ignore_index=True)
     folders = [Path(d) for d in upstream_rejects]
-    all_rejects = [read_rejects(d) for d in folders + [captioned_dir]]
+    all_rejects = [read_rejects(d) for d in folders + captioned_dirs]
     rejects = pd.concat([r for r in all_rejects if len(r)] or [all_rejects[0]], ignore_index=True)[REJECT_COLUMNS]
+    collect_dir = next((d for d in folders if (d / SAMPLES_FILE).exists()), None)
+    sample_keys = read_table(collect_dir, SAMPLES_FILE, ["key"], columns=["key"])["key"] if collect_dir is not None else None
+    rejects = ordered_rejects(resolved_duplicates(rejects), sample_keys)
 
     # accounting: in = kept + rejected, per source, and key by key against what was collected
     overlap = set(kept["key"]) & set(rejects["key"])
     assert not overlap, f"{len(overlap)} keys are both kept and rejected, e.g. {sorted(overlap)[:3]}"
     assert rejects["key"].is_unique, "a sample was rejected twice"
-    collect_dir = next((d for d in folders if (d / SAMPLES_FILE).exists()), None)
     if collect_dir is not None:
         collected = pd.concat(
             [read_table(collect_dir, SAMPLES_FILE, ["key", "source"])[["key", "source"]], read_rejects(collect_dir)[["key", "source"]]]
@@ -93,9 +107,10 @@ def write_shards(params: CurateParams, captioned_dir: Path, upstream_rejects: Se
         if collect_dir is not None:
             assert per_source[name]["in"] == int((collected["source"] == name).sum()), f"accounting does not close for {name}"
 
-    # parts of shard_rows rows, in the captioned file's (deterministic) order, one batch in memory at a time
+    # parts of shard_rows rows, in the captioned files' (deterministic) order, one batch in memory at a time
     n_parts, writer = 0, None
-    for batch in iter_table(captioned_dir, CAPTIONED_FILE, required, params.shard_rows):
+    batches = (b for d in captioned_dirs for b in iter_table(d, CAPTIONED_FILE, required, params.shard_rows))
+    for batch in batches:
         while len(batch):
             if writer is None:
                 writer = TableWriter(out_dir / f"part-{n_parts:05d}.parquet", CURATED_SCHEMA)
@@ -119,6 +134,35 @@ def write_shards(params: CurateParams, captioned_dir: Path, upstream_rejects: Se
         "shards": n_parts,
         "per_source": per_source,
     }
+
+
+STAGE_ORDER = ("collect", "download", "filter", "recaption")
+
+
+def resolved_duplicates(rejects: pd.DataFrame) -> pd.DataFrame:
+    """``duplicate_image`` rejects whose ``detail`` (the key kept) is itself a duplicate point to that one's original."""
+    dup = rejects["reason"] == "duplicate_image"
+    if not dup.any():
+        return rejects
+    original = dict(zip(rejects.loc[dup, "key"], rejects.loc[dup, "detail"]))
+    resolved = []
+    for key in rejects.loc[dup, "detail"]:
+        seen = set()
+        while key in original and key not in seen:  # a cycle cannot happen; the guard keeps a bad file from hanging
+            seen.add(key)
+            key = original[key]
+        resolved.append(key)
+    out = rejects.copy()
+    out.loc[dup, "detail"] = resolved
+    return out
+
+
+def ordered_rejects(rejects: pd.DataFrame, sample_keys: pd.Series | None) -> pd.DataFrame:
+    """Rejects sorted by stage (``STAGE_ORDER``), then by position in ``sample_keys`` (stable otherwise)."""
+    stage = rejects["stage"].map({s: i for i, s in enumerate(STAGE_ORDER)}).fillna(len(STAGE_ORDER))
+    position = rejects["key"].map(pd.Series(range(len(sample_keys)), index=sample_keys.to_numpy())) if sample_keys is not None else None
+    order = pd.DataFrame({"stage": stage, "position": -1 if position is None else position.fillna(-1)})
+    return rejects.loc[order.sort_values(["stage", "position"], kind="stable").index].reset_index(drop=True)
 
 
 # -- readers ------------------------------------------------------------------------------------------
