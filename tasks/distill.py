@@ -25,10 +25,14 @@ def build_latent_cache(params, upstream, store_root):
 
 
 def launcher(num_processes: int) -> list[str]:
-    """``python -m`` for one process; ``accelerate launch`` for several (GPUs)."""
+    """``python -m`` for one process; ``accelerate launch --multi_gpu`` for several.
+
+    ``--multi_gpu`` is accelerate's switch for a distributed (torchrun) launch; without it, a machine
+    with no GPU silently runs one process. On CPUs the processes train with gloo (``trainer.device: cpu``).
+    """
     if num_processes <= 1:
         return [sys.executable, "-m"]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "-m"]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes), "-m"]
 
 
 @stage_task("distill/phase", retries=1, description="distill: training")

@@ -38,7 +38,7 @@ class TrainerConfig(BaseModel):
     nan_patience: int = Field(0, ge=0)  # consecutive bad steps (NaN/inf or exploding loss) skipped before stopping
     loss_explode_factor: Optional[float] = 100.0  # a loss above this x its running mean is bad; None = NaN/inf only
     log_every: int = Field(10, ge=1)  # optimizer steps between progress lines
-    num_processes: int = Field(1, ge=1)  # processes (GPUs) for `accelerate launch --num_processes`
+    num_processes: int = Field(1, ge=1)  # processes for `accelerate launch --multi_gpu --num_processes` (GPUs; gloo on CPU)
     device: Optional[str] = None  # None = accelerate's choice (GPU when present); "cpu" forces the CPU
 
     @model_validator(mode="after")

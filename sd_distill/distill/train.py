@@ -1,7 +1,7 @@
 """Command line for one distillation phase; runs as-is or under ``accelerate launch``.
 
     python -m sd_distill.distill.train --params params.json --phase 0 --cache runs/cache --out runs/phase-00 [--resume]
-    accelerate launch --num_processes 2 -m sd_distill.distill.train --params params.json --phase 1 \\
+    accelerate launch --multi_gpu --num_processes 2 -m sd_distill.distill.train --params params.json --phase 1 \\
         --cache runs/cache --out runs/phase-01 --previous runs/phase-00 --resume
 
 stdout carries JSON lines for the Prefect task: ``{"event": "progress", ...}`` per logged step, then

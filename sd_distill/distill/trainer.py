@@ -105,6 +105,10 @@ def train_phase(
     # 0. setup --------------------------------------------------------------------------------------
     accelerator = make_accelerator(tc)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if world != tc.num_processes:
+        raise ValueError(f"trainer.num_processes is {tc.num_processes} but {world} process(es) are running: launch with "
+                         f"`accelerate launch --multi_gpu --num_processes {tc.num_processes} -m sd_distill.distill.train ...` "
+                         "(without --multi_gpu, accelerate runs one process on a machine without GPUs)")
     set_seed(tc.seed + rank)
     frozen_dtype = AUTOCAST_DTYPES[tc.mixed_precision]
     dataset = LatentDataset(cache_dir)  # fails early on a missing or empty cache
