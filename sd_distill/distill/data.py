@@ -6,13 +6,16 @@ the training ``caption``, read with the curate stage's checked reader), resizes 
 - ``shard-00000.safetensors`` ...  ``latent_mean`` / ``latent_std`` [n, 4, h, w]: the VAE posterior
   N(mean, std^2) already multiplied by the VAE's ``scaling_factor`` (minus ``shift_factor`` when the VAE has one),
   and ``prompt_embeds`` [n, L, D] from the teacher's text encoder; or, with ``cache_latents=False``,
-  ``pixels`` [n, 3, H, W] uint8 for the trainer to encode each step;
-- ``negative.safetensors``        ``negative_embeds`` [1, L, D] (the negative / empty prompt for CFG);
+  ``pixels`` [n, 3, H, W] uint8 for the trainer to encode each step; SDXL teachers add
+  ``pooled_prompt_embeds`` [n, P] and ``time_ids`` [n, 6] (see :mod:`sd_distill.distill.teacher`);
+- ``negative.safetensors``        ``negative_embeds`` [1, L, D] (the negative / empty prompt for CFG), and for SDXL
+  ``negative_pooled_embeds`` [1, P];
 - ``samples.parquet``             key, caption, shard, row for every cached sample;
 - ``index.json``                  format, teacher, resolution, shapes, dtype, shards, counts.
 
 ``LatentDataset`` reads the cache back (memory-mapped, row by row) and builds training batches in the
-``DistillMethod.loss`` format: ``latents``, ``prompt_embeds``, ``negative_embeds``.
+``DistillMethod.loss`` format: ``latents``, ``prompt_embeds``, ``negative_embeds`` (SDXL: also
+``pooled_prompt_embeds``, ``negative_pooled_embeds``, ``time_ids``).
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ def build_latent_cache(
     device: Optional[str] = None,
 ) -> dict:
     """Encode the curated shards once with the teacher's VAE and text encoder; returns the cache's counts."""
-    from sd_distill.distill.teacher import encode_prompts, load_teacher
+    from sd_distill.distill.teacher import encode_negative, encode_prompts, load_teacher
 
     if dtype not in DTYPES:
         raise ValueError(f"cache dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -146,13 +149,17 @@ def build_latent_cache(
 
     def encode(batch: list[tuple[str, torch.Tensor, str]]) -> None:
         pixels = torch.stack([b[1] for b in batch])
-        embeds = encode_prompts(teacher, [b[2] for b in batch]).float().cpu()
+        text = encode_prompts(teacher, [b[2] for b in batch], resolution).float().cpu()
         if cache_latents:
             mean, std = encode_pixels(teacher.vae, pixels)
             new = {"latent_mean": mean.cpu().to(store), "latent_std": std.cpu().to(store)}
         else:
             new = {"pixels": pixels}
-        new["prompt_embeds"] = embeds.to(store)
+        if teacher.is_sdxl:  # time ids stay float32: bf16 cannot hold e.g. 1000 exactly
+            new.update(prompt_embeds=text.hidden.to(store), pooled_prompt_embeds=text.pooled.to(store),
+                       time_ids=text.time_ids.float())
+        else:
+            new["prompt_embeds"] = text.to(store)
         already = sum(len(t) for t in pending.get("prompt_embeds", []))
         for k, v in new.items():
             pending.setdefault(k, []).append(v)
@@ -188,8 +195,13 @@ def build_latent_cache(
             f"(read {seen} rows, skipped {skipped or 'none'})"
         )
 
-    negative = encode_prompts(teacher, [negative_prompt]).float().cpu()
-    save_file({"negative_embeds": negative.to(store).contiguous()}, str(out_dir / "negative.safetensors"))
+    negative = encode_negative(teacher, negative_prompt, resolution).float().cpu()
+    if teacher.is_sdxl:
+        tensors = {"negative_embeds": negative.hidden, "negative_pooled_embeds": negative.pooled}
+        negative = negative.hidden
+    else:
+        tensors = {"negative_embeds": negative}
+    save_file({k: v.to(store).contiguous() for k, v in tensors.items()}, str(out_dir / "negative.safetensors"))
     import pandas as pd
 
     pd.DataFrame(rows).to_parquet(out_dir / "samples.parquet", index=False)
@@ -206,6 +218,9 @@ def build_latent_cache(
         "caption_column": caption_column,
         "embed_shape": list(negative.shape[1:]),
         "shards": shards,
+        **({"sdxl": {"pooled_dim": int(tensors["negative_pooled_embeds"].shape[-1]),
+                     "time_ids": [resolution, resolution, 0, 0, resolution, resolution],
+                     "force_zeros_for_empty_prompt": teacher.force_zeros_for_empty_prompt}} if teacher.is_sdxl else {}),
         "num_samples": len(rows),
         "rows_read": seen,
         "skipped": skipped,
@@ -238,7 +253,9 @@ class LatentDataset:
         self.cache_latents = bool(self.index["cache_latents"])
         self._rows: list[tuple[int, int]] = [(s, r) for s, sh in enumerate(self.index["shards"]) for r in range(sh["rows"])]
         self._handles: dict[int, object] = {}
-        self.negative_embeds = load_file(str(self.cache_dir / "negative.safetensors"))["negative_embeds"].float()
+        negative = load_file(str(self.cache_dir / "negative.safetensors"))
+        self.negative_embeds = negative["negative_embeds"].float()
+        self.negative_pooled = negative["negative_pooled_embeds"].float() if "negative_pooled_embeds" in negative else None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -257,11 +274,16 @@ class LatentDataset:
         self, indices: Sequence[int], generator: Optional[torch.Generator] = None, sample_posterior: bool = False, device="cpu"
     ) -> dict[str, torch.Tensor]:
         """Stacked rows as float32 on ``device``: latents (posterior mean, or a draw with ``generator``),
-        prompt_embeds, negative_embeds; ``pixels`` (uint8) instead of latents for a cache without latents."""
+        prompt_embeds, negative_embeds (SDXL: pooled_prompt_embeds, negative_pooled_embeds, time_ids);
+        ``pixels`` (uint8) instead of latents for a cache without latents."""
         items = [self.item(i) for i in indices]
         out = {k: torch.cat([it[k] for it in items]) for k in items[0]}
         batch = {"prompt_embeds": out["prompt_embeds"].to(device, torch.float32)}
         batch["negative_embeds"] = self.negative_embeds.to(device).expand(len(indices), -1, -1).contiguous()
+        if self.negative_pooled is not None:
+            batch["pooled_prompt_embeds"] = out["pooled_prompt_embeds"].to(device, torch.float32)
+            batch["negative_pooled_embeds"] = self.negative_pooled.to(device).expand(len(indices), -1).contiguous()
+            batch["time_ids"] = out["time_ids"].to(device, torch.float32)
         if not self.cache_latents:
             batch["pixels"] = out["pixels"].to(device)
             return batch
@@ -292,7 +314,15 @@ def micro_batch_indices(n: int, batch_size: int, position: int, seed: int, rank:
 
 
 def cache_latents(params, curated_dir: str | Path, out_dir: str | Path, progress: Optional[ProgressFn] = None) -> dict:
-    """The cache step of the distill stage: ``build_latent_cache`` with the values of ``DistillParams``."""
+    """The cache step of the distill stage: ``build_latent_cache`` with the values of ``DistillParams``.
+
+    Refuses up front what a later phase would refuse for an SDXL teacher (block-removed students).
+    """
+    from sd_distill.distill.methods.students import check_student_arch
+    from sd_distill.distill.teacher import check_teacher_folder, is_sdxl_index
+    from sd_distill.modelref import resolve_model_ref
+
+    check_student_arch(params.method.student_arch, is_sdxl_index(check_teacher_folder(resolve_model_ref(params.teacher))))
     d = params.data
     return build_latent_cache(
         params.teacher, curated_dir, out_dir, d.resolution, d.cache_batch_size, progress,

@@ -1,9 +1,10 @@
-"""The distilled student as a diffusers pipeline folder that a stock ``StableDiffusionPipeline`` loads.
+"""The distilled student as a diffusers pipeline folder that a stock ``StableDiffusionPipeline`` loads
+(``StableDiffusionXLPipeline`` for an SDXL teacher).
 
 ``export_student`` writes into ``out_dir``:
 
-- the pipeline: the teacher's VAE, text encoder, tokenizer (and safety checker / feature extractor when it has
-  them), the last phase's student UNet and a ``DDIMScheduler`` built from the teacher's scheduler config with the
+- the pipeline: the teacher's VAE, text encoder(s), tokenizer(s) (and safety checker / feature extractor when it
+  has them; SDXL: the second encoder and tokenizer and ``force_zeros_for_empty_prompt``), the last phase's student UNet and a ``DDIMScheduler`` built from the teacher's scheduler config with the
   timestep spacing the student was trained on (any diffusers scheduler, e.g. ``DPMSolverMultistepScheduler``,
   loads from it with ``from_config``);
 - ``distill_config.json``: parameters, phases, prediction type, guidance convention, how to sample the student;
@@ -82,8 +83,9 @@ def write_loss_plot(rows: list[dict], path: Path) -> Path:
 def export_student(params, phase_dirs: Sequence[str | Path], out_dir: str | Path,
                    progress: Optional[ProgressFn] = None) -> dict:
     """Write the last phase's student as a stock diffusers pipeline folder (see module docstring)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
+    from sd_distill.distill.teacher import check_teacher_folder, is_sdxl_index
     from sd_distill.modelref import hub_kwargs, resolve_model_ref
 
     if not phase_dirs:
@@ -97,7 +99,9 @@ def export_student(params, phase_dirs: Sequence[str | Path], out_dir: str | Path
     teacher_sched = DDIMScheduler.from_pretrained(teacher_ref, subfolder="scheduler", **hub_kwargs())
     spacing = last.get("timestep_spacing") or teacher_sched.config.get("timestep_spacing", "leading")
     scheduler = DDIMScheduler.from_config(teacher_sched.config, timestep_spacing=spacing)
-    pipe = StableDiffusionPipeline.from_pretrained(teacher_ref, unet=student, scheduler=scheduler, **hub_kwargs())
+    sdxl = is_sdxl_index(check_teacher_folder(teacher_ref)) or student.config.get("addition_embed_type") == "text_time"
+    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    pipe = pipeline_class.from_pretrained(teacher_ref, unet=student, scheduler=scheduler, **hub_kwargs())
     report(progress, 1, 3, "saving pipeline")
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
 
@@ -108,6 +112,7 @@ def export_student(params, phase_dirs: Sequence[str | Path], out_dir: str | Path
         "teacher": params.teacher,
         "params": params.model_dump(mode="json"),
         "phases": phases,
+        "pipeline": pipeline_class.__name__,
         "prediction_type": scheduler.config.prediction_type,
         "student_steps": steps,
         "student_arch": params.method.student_arch,

@@ -11,6 +11,11 @@ Classifier-free guidance follows diffusers: ``eps_u + w (eps_c - eps_u)`` with o
 doubled batch, i.e. two UNet evaluations per image per step. A w-conditioned student
 (``unet.config.time_cond_proj_dim`` set) gets ``w - 1`` as a guidance embedding instead and one
 evaluation per step; the stock pipeline does both, and ``UNetEvalCounter`` measures what happened.
+
+SDXL models (``StableDiffusionXLPipeline`` folders: model_index.json's ``_class_name``) load as that class and
+follow the same contract; they are sampled with the pipeline's defaults for everything SDXL adds (micro-
+conditioning original size = target size = the resolution, zero negative embeddings when
+``force_zeros_for_empty_prompt``), which is what the distillation trained on (:mod:`sd_distill.distill.teacher`).
 """
 
 from __future__ import annotations
@@ -42,21 +47,59 @@ def resolve_device(device: Optional[str]) -> torch.device:
     return PartialState().device
 
 
+def pipeline_class_name(ref: str) -> str:
+    """``_class_name`` of a pipeline's model_index.json ("StableDiffusionPipeline" when it cannot be read offline)."""
+    from sd_distill.distill.teacher import read_model_index
+
+    return str((read_model_index(ref) or {}).get("_class_name") or "StableDiffusionPipeline")
+
+
 def load_pipeline(ref: str, device: Optional[str] = None, dtype: str = "float32"):
-    """A StableDiffusionPipeline from a folder / hub id / toy:<name> with a DPM-Solver++ scheduler."""
-    from diffusers import StableDiffusionPipeline
+    """A StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL folders) from a folder / hub id / toy:<name>
+    with a DPM-Solver++ scheduler."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from sd_distill.modelref import hub_kwargs, resolve_model_ref
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        resolve_model_ref(ref), torch_dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False,
-        **hub_kwargs(),
-    )
+    resolved = resolve_model_ref(ref)
+    name = pipeline_class_name(resolved)
+    if name == "StableDiffusionXLPipeline":
+        pipe = StableDiffusionXLPipeline.from_pretrained(resolved, torch_dtype=DTYPES[dtype], add_watermarker=False,
+                                                         **hub_kwargs())
+        supply_default_added_conditioning(pipe)
+    elif "XL" in name:
+        raise ValueError(f"{ref} is a {name}; evaluation generates text-to-image with StableDiffusionPipeline or "
+                         "StableDiffusionXLPipeline folders")
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            resolved, torch_dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False, **hub_kwargs(),
+        )
     pipe.scheduler = dpm_solver_pp_scheduler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(resolve_device(device))
+
+
+def supply_default_added_conditioning(pipe) -> None:
+    """Let bare ``pipe.unet(sample, t, encoder_hidden_states=...)`` calls (``speed.unet_macs_per_eval`` counts MACs
+    that way) run on an SDXL UNet: a forward pre-hook adds ``added_cond_kwargs`` (zero pooled embedding, time ids
+    of the latent's pixel size) when a call brings none. The pipeline always passes its own, so sampling is
+    unaffected. A workaround until speed.py passes added conditioning itself."""
+    unet = pipe.unet
+    pooled = int(pipe.text_encoder_2.config.projection_dim) if pipe.text_encoder_2 is not None else \
+        int(unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim)
+
+    def hook(module, args, kwargs):
+        if kwargs.get("added_cond_kwargs") is not None:
+            return None
+        sample = args[0] if args else kwargs["sample"]
+        n, side = sample.shape[0], sample.shape[-1] * pipe.vae_scale_factor
+        ids = torch.tensor([[side, side, 0, 0, side, side]], device=sample.device, dtype=sample.dtype).expand(n, -1)
+        text = sample.new_zeros(n, pooled)
+        return args, {**kwargs, "added_cond_kwargs": {"text_embeds": text, "time_ids": ids}}
+
+    unet.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def dpm_solver_pp_scheduler(scheduler):

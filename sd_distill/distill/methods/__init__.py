@@ -24,6 +24,9 @@ Additions beyond the brief (nothing removed or renamed):
   * ``BkSdmDistillation.close()`` removes its feature hooks (call it when the phase ends);
   * a phase's ``teacher_unet`` for later phases is the previous phase's student (eval, requires_grad False), loaded
     from that phase's output folder; ``make_student`` copies it (block removal only happens in phase 0);
+  * SDXL teachers: batches also hold "pooled_prompt_embeds", "negative_pooled_embeds", "time_ids"; ``unpack_batch``
+    turns the text side into ``TextCond`` values and ``build_method`` lets both UNets take them
+    (:mod:`sd_distill.distill.textcond`); ``sample_student`` accepts TextCond prompt/negative inputs likewise;
   * loss logs always contain "loss"; cfg_aware/progressive add "loss_cfg", "loss_vanilla", "t_mean",
     "guidance_mean"; bksdm_kd adds "loss_task", "loss_kd_out", "loss_kd_feat".
 """
@@ -41,9 +44,18 @@ __all__ = ["DistillMethod", "MethodConfig", "PhaseSpec", "plan_phases", "make_st
 def build_method(cfg: MethodConfig, phase: PhaseSpec, teacher, teacher_unet, student_unet) -> DistillMethod:
     """The loss object of one phase. ``teacher`` supplies the schedule and prediction type, ``teacher_unet`` is the
     phase's teacher (the original, or the previous phase's student), ``student_unet`` the model being trained."""
-    text_dim = getattr(getattr(teacher.text_encoder, "config", None), "hidden_size", None) if teacher.text_encoder \
-        is not None else None
+    from sd_distill.distill.textcond import accept_text_cond, is_sdxl_unet
+
+    if getattr(teacher, "text_encoder", None) is None:
+        text_dim = None
+    elif hasattr(teacher, "text_dim"):
+        text_dim = teacher.text_dim
+    else:
+        text_dim = getattr(getattr(teacher.text_encoder, "config", None), "hidden_size", None)
     check_compatible(teacher_unet, student_unet, text_dim)
+    if is_sdxl_unet(teacher_unet):  # SDXL: the text side arrives as a TextCond (see distill/textcond.py)
+        for unet in (teacher_unet, student_unet):
+            accept_text_cond(unet)
     if phase.kind == "cfg_aware":
         from sd_distill.distill.methods.cfg_aware import CfgAwareDistillation
 
@@ -65,7 +77,9 @@ def build_method(cfg: MethodConfig, phase: PhaseSpec, teacher, teacher_unet, stu
 
 
 def sample_student(method, latents, prompt_embeds, negative_embeds, guidance: float):
-    """Sample ``method.student`` with its own step count, DDIM grid and guidance mode (DDIM, deterministic)."""
+    """Sample ``method.student`` with its own step count, DDIM grid and guidance mode (DDIM, deterministic).
+
+    For an SDXL student ``prompt_embeds`` / ``negative_embeds`` are ``TextCond`` values (``encode_prompts``)."""
     from sd_distill.diffusion.sampling import ddim_sample
 
     return ddim_sample(method.student, method.schedule, latents, prompt_embeds, negative_embeds, method.student_steps,

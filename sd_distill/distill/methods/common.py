@@ -12,6 +12,7 @@ from torch import Tensor
 from sd_distill.diffusion.math import convert, ddim_step, snr_weight, to_eps, to_x0
 from sd_distill.diffusion.sampling import GuidanceMode, guided_prediction
 from sd_distill.diffusion.schedule import NoiseSchedule
+from sd_distill.distill.textcond import TextCond
 
 
 @runtime_checkable
@@ -55,14 +56,35 @@ def student_intervals(schedule: NoiseSchedule, student_steps: int, n: int, gener
     return t.to(device), schedule.prev_timestep(t, student_steps).to(device)
 
 
-def unpack_batch(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(x0, cond, uncond) with uncond broadcast to the batch; names the missing key otherwise."""
+SDXL_BATCH_KEYS = ("pooled_prompt_embeds", "negative_pooled_embeds", "time_ids")
+
+
+def unpack_batch(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | TextCond, Tensor | TextCond]:
+    """(x0, cond, uncond) with uncond broadcast to the batch; names the missing key otherwise.
+
+    SD 1.x / 2.x batches give hidden-state tensors. A batch with SDXL's added conditioning (``SDXL_BATCH_KEYS``)
+    gives ``TextCond`` values: cond = (prompt_embeds, pooled_prompt_embeds, time_ids), uncond = (negative_embeds,
+    negative_pooled_embeds, the same time_ids), as ``StableDiffusionXLPipeline`` pairs them.
+    """
     for key in ("latents", "prompt_embeds", "negative_embeds"):
         if key not in batch:
             raise KeyError(f"distillation batch is missing {key!r}; it needs latents, prompt_embeds, negative_embeds")
     x0, cond, uncond = batch["latents"], batch["prompt_embeds"], batch["negative_embeds"]
-    if uncond.shape[0] == 1 and x0.shape[0] > 1:
-        uncond = uncond.expand(x0.shape[0], *uncond.shape[1:])
+    n = x0.shape[0]
+    if uncond.shape[0] == 1 and n > 1:
+        uncond = uncond.expand(n, *uncond.shape[1:])
+    present = [k for k in SDXL_BATCH_KEYS if k in batch]
+    if present:
+        if len(present) != len(SDXL_BATCH_KEYS):
+            raise KeyError(f"SDXL distillation batch has {present} but not "
+                           f"{[k for k in SDXL_BATCH_KEYS if k not in batch]}; it needs all of {list(SDXL_BATCH_KEYS)}")
+        neg_pooled, time_ids = batch["negative_pooled_embeds"], batch["time_ids"]
+        if neg_pooled.shape[0] == 1 and n > 1:
+            neg_pooled = neg_pooled.expand(n, *neg_pooled.shape[1:])
+        if time_ids.shape[0] == 1 and n > 1:
+            time_ids = time_ids.expand(n, *time_ids.shape[1:])
+        cond = TextCond(cond, batch["pooled_prompt_embeds"], time_ids)
+        uncond = TextCond(uncond, neg_pooled, time_ids)
     return x0, cond.to(x0.dtype), uncond.to(x0.dtype)
 
 
@@ -110,7 +132,8 @@ def regression_loss(x0_pred: Tensor, x0_target: Tensor, z_t: Tensor, alpha: Tens
 
 def check_compatible(teacher_unet, student_unet, text_dim: int | None = None) -> None:
     """Raise a clear error when the student cannot stand in for the teacher (latent / text interfaces differ)."""
-    for key in ("in_channels", "out_channels", "cross_attention_dim"):
+    for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type",
+                "projection_class_embeddings_input_dim"):
         tv, sv = teacher_unet.config.get(key), student_unet.config.get(key)
         if tv != sv:
             raise ValueError(f"teacher/student architecture mismatch: unet.config.{key} is {tv} for the teacher but "

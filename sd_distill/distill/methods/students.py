@@ -30,16 +30,27 @@ def with_w_conditioning(unet, embed_dim: int):
     return student.to(device=next(unet.parameters()).device, dtype=next(unet.parameters()).dtype)
 
 
+def check_student_arch(student_arch: str, sdxl: bool) -> None:
+    """BK-SDM block removal is defined for SD 1.x / 2.x UNets only; refuse it for an SDXL teacher."""
+    if sdxl and student_arch != "same":
+        raise ValueError(f"student_arch {student_arch!r} (BK-SDM block removal) is not supported for SDXL teachers "
+                         "(its stages, transformer depths and added text/time conditioning differ from SD 1.x / 2.x); "
+                         "use student_arch='same' with an SDXL teacher")
+
+
 def make_student(cfg: MethodConfig, teacher_unet, phase: PhaseSpec):
     """The phase's student UNet, trainable, initialised from ``teacher_unet`` (the phase's teacher).
 
     * phase 0 with ``student_arch`` bk-*: BK-SDM block removal of the teacher (see :mod:`.bksdm`);
       later phases copy their teacher, which is then already block-removed;
+    * an SDXL teacher (``addition_embed_type="text_time"``) only with ``student_arch="same"``;
     * ``phase.w_conditioned``: adds a zero-initialised guidance-embedding input (``time_cond_proj_dim``);
     * otherwise a deep copy.
     """
     from sd_distill.distill.methods.bksdm import block_removed_unet
+    from sd_distill.distill.textcond import is_sdxl_unet
 
+    check_student_arch(cfg.student_arch, is_sdxl_unet(teacher_unet))
     if phase.index == 0 and cfg.student_arch != "same":
         student = block_removed_unet(teacher_unet, cfg.student_arch)
     else:
