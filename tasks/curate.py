@@ -1,10 +1,15 @@
-"""Prefect tasks of the curate stage: one library call each, cached through the stage store."""
+"""Prefect tasks of the curate stage: one library call each, cached through the stage store.
+
+Partitioned runs (``params.partitions > 1``) call the per-partition tasks with ``suffix=<label>``
+(``p0of3``...): the label names the stage folder (``curate/download-p0of3/<key>``) and selects the rows.
+"""
 
 from __future__ import annotations
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from sd_distill import curate as lib
+from sd_distill.curate.partitions import parse_partition_label
 from tasks._stage import stage_task, work_dir
 
 
@@ -19,10 +24,13 @@ def collect_sources(params, upstream, store_root):
 
 
 @stage_task("curate/download", key_of=lambda p: p.download, description="curate: downloading images (img2dataset)")
-def download_images(params, upstream, store_root):
-    """Download / load every sample's image with img2dataset."""
+def download_images(params, upstream, store_root, suffix=None):
+    """Download / load every sample's image (or one partition's: ``suffix`` is its label) with img2dataset."""
+    partition = parse_partition_label(suffix) if suffix else None
     # img2dataset's partial shards live in the stage's work dir, so a retried download resumes
-    return lambda out, inputs, progress: lib.download_images(params, inputs[0], out, progress=progress, work_dir=work_dir())
+    return lambda out, inputs, progress: lib.download_images(
+        params, inputs[0], out, progress=progress, work_dir=work_dir(), partition=partition
+    )
 
 
 @stage_task("curate/score", key_of=lambda p: p.filter, description="curate: HPSv2 scoring")
@@ -31,16 +39,38 @@ def score_and_filter(params, upstream, store_root):
     return lambda out, inputs, progress: lib.score_and_filter(params, inputs[0], out, progress=progress)
 
 
+@stage_task("curate/score", key_of=lambda p: p.filter, description="curate: HPSv2 scoring of one partition")
+def score_partition(params, upstream, store_root, suffix):
+    """Score one partition's image-caption pairs with HPSv2 (every row; the filter is global)."""
+    return lambda out, inputs, progress: lib.score(params, inputs[0], out, progress=progress)
+
+
+@stage_task("curate/filter", key_of=lambda p: p.filter, description="curate: HPSv2 filter over all partitions")
+def filter_scores(params, upstream, store_root):
+    """Apply the keep rule to the union of every partition's scores."""
+    return lambda out, inputs, progress: lib.filter_scored(params, inputs, out, progress=progress)
+
+
 @stage_task("curate/caption", key_of=lambda p: {"caption": p.caption, "filter": p.filter}, description="curate: recaptioning")
 def recaption(params, upstream, store_root):
     """Recaption with a BLIP-family model, clean, choose the caption by similarity."""
     return lambda out, inputs, progress: lib.recaption(params, inputs[0], out, progress=progress)
 
 
+@stage_task("curate/caption", key_of=lambda p: {"caption": p.caption, "filter": p.filter}, description="curate: recaptioning one partition")
+def recaption_partition(params, upstream, store_root, suffix):
+    """Recaption one partition's kept rows (upstream: its download, the global filter)."""
+    return lambda out, inputs, progress: lib.recaption_partition(params, inputs[0], inputs[1], out, progress=progress)
+
+
 @stage_task("curate/shards", key_of=lambda p: {"shard_rows": p.shard_rows}, description="curate: writing shards")
 def write_shards(params, upstream, store_root):
-    """Write the curated Parquet shards and one rejects.parquet; accounting must close."""
-    return lambda out, inputs, progress: lib.write_shards(params, inputs[-1], inputs[:-1], out)
+    """Write the curated Parquet shards and one rejects.parquet; accounting must close.
+
+    upstream: [sources, download(s), filter, caption(s)]; the last ``params.partitions`` are captioned folders.
+    """
+    n = params.partitions
+    return lambda out, inputs, progress: lib.write_shards(params, inputs[-n:], inputs[:-n], out)
 
 
 def publish_curate_summary(manifest) -> dict:

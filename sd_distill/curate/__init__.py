@@ -65,10 +65,9 @@ def run_curate(
     report(progress, 0, len(STEPS), "collect")
     counts["collect"] = collect_sources(params, d["collect"])
     if scorer is None:
-        from sd_distill.scoring.hps import load_hps_scorer
+        from sd_distill.curate.models import hps_scorer
 
-        f = params.filter
-        scorer = load_hps_scorer(f.hps_model, version=f.hps_version, device=f.device)
+        scorer = hps_scorer(params)
     if params.partitions == 1:
         report(progress, 1, len(STEPS), "download")
         counts["download"] = download_images(params, d["collect"], d["download"])

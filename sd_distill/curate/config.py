@@ -158,7 +158,7 @@ class DaskParams(_Params):
     processes: bool = False
     # Tasks each worker runs at once; 1 = one partition's stage per worker (each loads its own models).
     threads_per_worker: int = Field(default=1, ge=1)
-    # Serve the Dask dashboard on 127.0.0.1:8787 (needs bokeh); off by default, and never on another interface.
+    # Serve the Dask dashboard on 127.0.0.1:8787 (needs bokeh); off = a random loopback port. Never another interface.
     dashboard: bool = False
 
 

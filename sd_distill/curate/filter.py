@@ -113,9 +113,9 @@ def score(params: CurateParams, downloaded_dir: Path, out_dir: Path, progress: P
     out_dir.mkdir(parents=True, exist_ok=True)
     required = SAMPLE_COLUMNS + IMAGE_COLUMNS
     if scorer is None:
-        from sd_distill.scoring.hps import load_hps_scorer
+        from sd_distill.curate.models import hps_scorer
 
-        scorer = load_hps_scorer(f.hps_model, version=f.hps_version, device=f.device)
+        scorer = hps_scorer(params)
     version = str(getattr(scorer, "version", f.hps_version))
     meta = read_table(downloaded_dir, DOWNLOADED_FILE, required, columns=["key", "source", "url", "caption_original", "sha256"])
     n = len(meta)

@@ -89,14 +89,12 @@ def recaption(
     sim_o = np.full(n, np.nan, dtype=np.float32)
     sim_g = np.full(n, np.nan, dtype=np.float32)
     if c.enabled and n:
+        from sd_distill.curate import models
+
         if captioner is None:
-            from sd_distill.captioning.blip import load_captioner
-
-            captioner = load_captioner(c.captioner, prompt=c.prompt, max_new_tokens=c.max_new_tokens, device=c.device)
+            captioner = models.captioner(params)
         if c.choose_by_similarity and scorer is None:
-            from sd_distill.scoring.hps import load_hps_scorer
-
-            scorer = load_hps_scorer(params.filter.hps_model, version=params.filter.hps_version, device=params.filter.device)
+            scorer = models.hps_scorer(params)
         # decoded images are the big objects: hold one chunk of them at a time
         chunk = 8 * max(c.batch_size, params.filter.batch_size)
         start = 0
