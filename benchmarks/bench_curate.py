@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_curate.py                 # 200 toy images, toy/tiny models, CPU
     .venv/bin/python benchmarks/bench_curate.py --n 1000 --device cuda
+    .venv/bin/python benchmarks/bench_curate.py --partitions 2 --n 200   # the curate flow, P=1 vs P=2 on Dask
 
 What is timed (wall clock, each step as the pipeline runs it, Parquet I/O included):
 
@@ -13,6 +14,11 @@ What is timed (wall clock, each step as the pipeline runs it, Parquet I/O includ
 - HPS batched vs per call: the same (image, caption) pairs scored by ``HPSScorer.score`` and by
   ``sd_distill.scoring.hps_per_call.PerCallHPS`` (hpsv2.score's path: checkpoint reloaded every call,
   one image per forward) on the same tiny checkpoint, scores checked equal.
+
+With ``--partitions P`` only this is measured instead: the wall time of the whole ``curate`` flow (collect,
+download, score, filter, recaption, shards; a temporary local Prefect server, started before the clock)
+with ``partitions=1`` and with ``partitions=P`` on a Dask LocalCluster (``--runner``), each into a fresh
+store, and whether both give the same kept keys and captions.
 
 Models: ``toy:hps`` / ``toy:blip`` when shipped, else tiny random models in the same architectures.
 """
@@ -66,7 +72,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--per-call-pairs", type=int, default=40, help="pairs for the batched vs per-call HPS comparison")
+    ap.add_argument("--partitions", type=int, default=1, help="P > 1: time the curate flow with 1 vs P partitions (only)")
+    ap.add_argument("--runner", choices=["dask", "thread"], default="dask", help="task runner of the partitioned run")
+    ap.add_argument("--workers", type=int, default=None, help="Dask workers (default: one per partition)")
     args = ap.parse_args()
+    if args.partitions > 1:
+        return partitions_main(args)
 
     with tempfile.TemporaryDirectory(prefix="bench-curate-") as tmp:
         tmp = Path(tmp)
@@ -120,6 +131,42 @@ def main() -> None:
         same = np.allclose(s_b, s_p, atol=1e-5)
         print(f"\nHPS on {len(images)} pairs (tiny checkpoint): batched {len(images) / t_b:.1f} pairs/s, "
               f"hpsv2 per-call path {len(images) / t_p:.1f} pairs/s -> speed-up x{t_p / t_b:.1f} (scores equal: {same})")
+
+
+def partitions_main(args) -> None:
+    """The curate flow with 1 and with ``args.partitions`` partitions; prints wall times and whether they agree."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.curate import curate
+    from sd_distill.curate import DaskParams, read_curated
+
+    with tempfile.TemporaryDirectory(prefix="bench-curate-parts-") as tmp, prefect_test_harness(server_startup_timeout=120):
+        tmp = Path(tmp)
+        hps_ref, blip_ref, models = model_refs(tmp)
+        print(f"models: {models}; device {args.device}; {os.cpu_count()} CPUs visible; {args.n} toy samples")
+        base = dict(
+            sources=[SourceSpec(kind="toy", toy_n=args.n, toy_seed=1)],
+            download=DownloadParams(image_size=args.image_size, threads=args.threads),
+            filter=FilterParams(hps_model=hps_ref, batch_size=args.batch_size, device=args.device),
+            caption=CaptionParams(captioner=blip_ref, batch_size=args.batch_size, device=args.device),
+        )
+        p = args.partitions
+        runs = {}
+        for label, params in [
+            ("partitions=1", CurateParams(**base)),
+            (f"partitions={p} ({args.runner})", CurateParams(**base, partitions=p, task_runner=args.runner,
+                                                            dask=DaskParams(n_workers=args.workers))),
+        ]:
+            t, manifest = timed(lambda: curate(params, str(tmp / f"store-{len(runs)}")))
+            runs[label] = (t, read_curated(manifest.path, columns=["key", "caption"]))
+        print(f"\n{'curate flow':32s} {'seconds':>8s} {'kept':>5s}")
+        for label, (t, df) in runs.items():
+            print(f"{label:32s} {t:8.2f} {len(df):5d}")
+        (t1, a), (tp, b) = runs.values()
+        same = a["key"].tolist() == b["key"].tolist() and a["caption"].tolist() == b["caption"].tolist()
+        print(f"speed-up x{t1 / tp:.2f}; same kept keys and captions: {same}")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,28 @@ def test_dask_address_without_dask_runner_is_refused():
         CurateParams(partitions=0)
 
 
+def test_partition_task_runner_local_dask_cluster_listens_on_loopback_only():
+    import psutil
+    from distributed import LocalCluster
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.curate import partition_task_runner
+
+    assert isinstance(partition_task_runner(CurateParams(partitions=3)), ThreadPoolTaskRunner)
+    remote = partition_task_runner(CurateParams(partitions=3, task_runner="dask", dask={"address": "tcp://10.0.0.5:8786"}))
+    assert remote.address == "tcp://10.0.0.5:8786"
+    runner = partition_task_runner(CurateParams(partitions=3, task_runner="dask", dask={"n_workers": 2}))
+
+    def listening():
+        return {(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+
+    before = listening()
+    with LocalCluster(**runner.cluster_kwargs) as cluster:
+        opened = listening() - before
+        assert len(cluster.workers) == 2 and cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+    assert opened and {ip for ip, _ in opened} == {"127.0.0.1"}, opened  # scheduler, workers, HTTP endpoints
+
+
 def test_three_partitions_give_the_unpartitioned_dataset(tmp_path):
     _, samples = _collect(tmp_path / "one" / "collect")
     _collect(tmp_path / "three" / "collect")
