@@ -255,7 +255,8 @@ class LatentDataset:
         self._handles: dict[int, object] = {}
         negative = load_file(str(self.cache_dir / "negative.safetensors"))
         self.negative_embeds = negative["negative_embeds"].float()
-        self.negative_pooled = negative["negative_pooled_embeds"].float() if "negative_pooled_embeds" in negative else None
+        pooled = negative.get("negative_pooled_embeds")  # SDXL caches only
+        self.negative_pooled = pooled.float() if pooled is not None else None
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -4,9 +4,9 @@
 ``export_student`` writes into ``out_dir``:
 
 - the pipeline: the teacher's VAE, text encoder(s), tokenizer(s) (and safety checker / feature extractor when it
-  has them; SDXL: the second encoder and tokenizer and ``force_zeros_for_empty_prompt``), the last phase's student UNet and a ``DDIMScheduler`` built from the teacher's scheduler config with the
-  timestep spacing the student was trained on (any diffusers scheduler, e.g. ``DPMSolverMultistepScheduler``,
-  loads from it with ``from_config``);
+  has them; SDXL: the second encoder and tokenizer and ``force_zeros_for_empty_prompt``), the last phase's student
+  UNet and a ``DDIMScheduler`` built from the teacher's scheduler config with the timestep spacing the student was
+  trained on (any diffusers scheduler, e.g. ``DPMSolverMultistepScheduler``, loads from it with ``from_config``);
 - ``distill_config.json``: parameters, phases, prediction type, guidance convention, how to sample the student;
 - ``loss_curve.csv`` / ``loss_curve.png``: every phase's per-step losses on one global step axis.
 

@@ -66,7 +66,8 @@ class Teacher:
 def is_sdxl_index(index: dict | None) -> bool:
     """model_index.json of an SDXL pipeline (second text encoder / tokenizer, or an XL pipeline class)."""
     index = index or {}
-    return any(index.get(m) not in (None, [None, None]) for m in SDXL_MARKERS) or "XL" in str(index.get("_class_name", ""))
+    has_second_encoder = any(index.get(m) not in (None, [None, None]) for m in SDXL_MARKERS)
+    return has_second_encoder or "XL" in str(index.get("_class_name", ""))
 
 
 def read_model_index(ref: str) -> dict | None:
@@ -194,7 +195,8 @@ def encode_prompts(teacher: Teacher, prompts: list[str], resolution: Optional[in
     if not teacher.is_sdxl:
         return teacher.text_encoder(_token_ids(teacher.tokenizer, prompts, device))[0]
     hidden = []
-    for tokenizer, encoder in ((teacher.tokenizer, teacher.text_encoder), (teacher.tokenizer_2, teacher.text_encoder_2)):
+    pairs = ((teacher.tokenizer, teacher.text_encoder), (teacher.tokenizer_2, teacher.text_encoder_2))
+    for tokenizer, encoder in pairs:
         out = encoder(_token_ids(tokenizer, prompts, device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])  # SDXL reads the penultimate layer of both encoders
     pooled = out.text_embeds  # encoder 2's projected pooled output

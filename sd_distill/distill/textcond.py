@@ -7,7 +7,8 @@ al. 2023, sec. 2.1-2.2: the pooled embedding of text encoder 2 and the micro-con
 top-left, target size). ``TextCond`` carries the three together and behaves like the hidden-state tensor where
 the methods and :mod:`sd_distill.diffusion.sampling` handle text:
 
-* ``cond.shape`` / ``cond.expand(n, ...)`` / ``cond.to(dtype)`` / ``.float()`` / ``.cpu()`` / ``cond[i]`` / ``cond.chunk(k)`` act on all parts;
+* ``cond.shape`` / ``cond.expand(n, ...)`` / ``cond.to(dtype)`` / ``.float()`` / ``.cpu()`` / ``cond[i]`` /
+  ``cond.chunk(k)`` act on all parts;
 * ``torch.cat([uncond, cond])`` and ``torch.where(mask, a, b)`` concatenate / select all parts row-wise, so a CFG
   batch (uncond rows, then cond rows) pairs each hidden state with its own pooled embedding and time ids, exactly
   as ``StableDiffusionXLPipeline`` builds it.
