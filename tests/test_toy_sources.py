@@ -107,3 +107,11 @@ def test_make_eval_prompts_writes_coco_val_and_hps_benchmark(tmp_path):
         assert len(prompts) == 5 and all(isinstance(x, str) for x in prompts)
     assert all(parse_caption(x)["n_objects"] == 1 for x in json.loads(p["anime"].read_text()))
     assert all(parse_caption(x)["relation"] == "left of" for x in json.loads(p["paintings"].read_text()))
+
+
+def test_make_eval_prompts_stops_at_the_distinct_prompts_a_style_has(tmp_path):
+    """Asking for more single-object prompts than exist (18) used to loop forever."""
+    p = make_eval_prompts(tmp_path, n=4, per_style=30)
+    anime = json.loads(p["anime"].read_text())
+    assert len(anime) == len(set(anime)) == 18
+    assert all(len(json.loads(p[s].read_text())) == 30 for s in HPS_STYLES if s != "anime")

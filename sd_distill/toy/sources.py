@@ -234,8 +234,9 @@ def make_eval_prompts(out_dir: str | Path, n: int = 40, seed: int = 1000, image_
     """Held-out prompts with reference images: COCO ``captions_val2017.json`` + ``val2017/`` and HPSv2 benchmark JSONs.
 
     Writes ``coco/annotations/captions_val2017.json`` (two captions per image), ``coco/val2017/<id:012d>.png``,
-    ``hps_benchmark/{anime,concept-art,paintings,photo}.json`` (each a JSON list of prompts; the "styles" are
-    toy palettes: single objects, vertical pairs, horizontal pairs, a mix) and ``eval_truth.parquet``.
+    ``hps_benchmark/{anime,concept-art,paintings,photo}.json`` (each a JSON list of up to ``per_style`` distinct
+    prompts; the "styles" are toy palettes: single objects (18 exist), vertical pairs, horizontal pairs, a mix)
+    and ``eval_truth.parquet``.
     Scenes come from a separate random stream (``seed`` differs from the training data's).
     """
     out = Path(out_dir)
@@ -271,11 +272,17 @@ def make_eval_prompts(out_dir: str | Path, n: int = 40, seed: int = 1000, image_
     }
     paths: dict[str, Path] = {"coco_captions": caption_path, "coco_images": val_dir, "truth": out / "eval_truth.parquet"}
     for style in HPS_STYLES:
+        # distinct prompts, up to per_style: a style may have fewer (18 single-object captions exist), so
+        # the search stops once 5,000 draws in a row bring nothing new
         prompts: list[str] = []
-        while len(prompts) < per_style:
+        misses = 0
+        while len(prompts) < per_style and misses < 5000:
             t = scene_truth(rng)
             if wanted[style](t) and caption_for(t) not in prompts:
                 prompts.append(caption_for(t))
+                misses = 0
+            else:
+                misses += 1
         paths[style] = bench / f"{style}.json"
         paths[style].write_text(json.dumps(prompts, indent=1))
     return paths
