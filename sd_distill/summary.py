@@ -34,8 +34,18 @@ def toy_lines(toy: dict) -> list[str]:
            f"bad pairs {100 * c['bad_fraction_in']:.0f}% in -> {100 * c['bad_fraction_kept']:.1f}% kept.",
            f"Caption accuracy of kept samples: {c['caption_accuracy_original']:.3f} published -> "
            f"{c['caption_accuracy_final']:.3f} after recaptioning ({c['recaptioned']} recaptioned).", "",
-           "| model | steps | attribute accuracy of generated scenes |", "|---|---|---|"]
-    out += [f"| {g['model']} | {g['steps']} | {g['attribute_accuracy']:.3f} |" for g in toy["generation"]]
+           ]
+    gen = toy["generation"]
+    ref = next((g["reference"] for g in gen if "reference" in g), None)
+    if ref:
+        out += [f"Paired with `{ref}` (same prompt, same seed): pixel RMSE and the share of scene attributes read the same.",
+                "", f"| model | steps | attribute accuracy of generated scenes | pixel RMSE to {ref} ↓ | agreement with {ref} ↑ |",
+                "|---|---|---|---|---|"]
+        out += [f"| {g['model']} | {g['steps']} | {g['attribute_accuracy']:.3f} | {g['rmse_to_ref']:.4f} | "
+                f"{g['agreement_with_ref']:.3f} |" for g in gen]
+    else:
+        out += ["| model | steps | attribute accuracy of generated scenes |", "|---|---|---|"]
+        out += [f"| {g['model']} | {g['steps']} | {g['attribute_accuracy']:.3f} |" for g in gen]
     return out + [""]
 
 

@@ -77,8 +77,8 @@ def publish_student(manifest) -> None:
     folder = manifest.path
     publish_image(folder / "loss_curve.png", "distill-loss-curve", "distillation loss per step, all phases")
     config = json.loads((folder / "distill_config.json").read_text()) if (folder / "distill_config.json").exists() else {}
-    lines = [f"**Student pipeline:** `{folder}`", "",
-             "Load it with `StableDiffusionPipeline.from_pretrained(path)`.", ""]
+    pipeline = config.get("pipeline", "StableDiffusionPipeline")
+    lines = [f"**Student pipeline:** `{folder}`", "", f"Load it with `{pipeline}.from_pretrained(path)`.", ""]
     for key in ("method", "prediction_type", "student_steps", "w_conditioned", "sampling"):
         if key in config:
             lines.append(f"- {key}: `{json.dumps(config[key])[:300]}`")

@@ -56,18 +56,6 @@ def test_unknown_prediction_type_lists_valid_ones(teacher_root, tmp_path):
         load_teacher(str(bad))
 
 
-def test_sdxl_teacher_is_refused_with_what_works(teacher_root, tmp_path):
-    from sd_distill.distill.teacher import load_teacher
-
-    xl = tmp_path / "xl"
-    shutil.copytree(teacher_folder(teacher_root, "epsilon"), xl)
-    index = json.loads((xl / "model_index.json").read_text())
-    index.update({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModel"]})
-    (xl / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(NotImplementedError, match="SDXL.*SD 1.x / 2.x"):
-        load_teacher(str(xl))
-
-
 def test_phase_plans_of_every_method():
     assert [p.name for p in plan_phases(MethodConfig())] == ["cfg-aware-16-8"]
     w = plan_phases(MethodConfig(kind="w_conditioned", progressive_start_steps=32, student_steps=8))

@@ -1,5 +1,6 @@
 """Toy-world ground-truth measures computed from real stage folders (collect step + curated shard schema)."""
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -70,3 +71,25 @@ def test_generation_measures_read_real_scenes_back(tmp_path):
     assert rows[0]["attribute_accuracy"] > 0.95
     wrong = prompts[1:] + prompts[:1]
     assert generation_measures([{"model": "real", "steps": 0, "images": {"coco": str(folder)}}], prompts=wrong)[0]["attribute_accuracy"] < 0.8
+
+
+def test_paired_measures_rank_runs_by_closeness_to_the_teachers_most_steps_run(tmp_path):
+    """The reference is the teacher at its most steps; a copy of it scores RMSE 0 / agreement 1, a shuffled set less."""
+    from sd_distill.toy.world import caption_for, make_samples, render_scene
+
+    samples = make_samples(10, seed=6, bad_fraction=0.0)
+    prompts = [caption_for(s.truth) for s in samples]
+    folders = {}
+    for name, order in {"ref": range(10), "copy": range(10), "shuffled": [(i + 3) % 10 for i in range(10)]}.items():
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        for i, j in enumerate(order):
+            render_scene(samples[j].truth, 32, np.random.default_rng(j)).save(folders[name] / f"{i:05d}.png")
+    records = [{"model": "teacher", "kind": "teacher", "steps": 20, "images": {"coco": str(folders["ref"])}},
+               {"model": "teacher", "kind": "teacher", "steps": 8, "images": {"coco": str(folders["shuffled"])}},
+               {"model": "student", "kind": "student", "steps": 8, "images": {"coco": str(folders["copy"])}}]
+    rows = {(r["model"], r["steps"]): r for r in generation_measures(records, prompts=prompts)}
+    assert {r["reference"] for r in rows.values()} == {"teacher@20"}
+    assert rows["teacher", 20]["rmse_to_ref"] == 0 and rows["teacher", 20]["agreement_with_ref"] == 1
+    assert rows["student", 8]["rmse_to_ref"] == 0 and rows["student", 8]["agreement_with_ref"] == 1
+    assert rows["teacher", 8]["rmse_to_ref"] > 0.05 and rows["teacher", 8]["agreement_with_ref"] < 0.8

@@ -68,7 +68,6 @@ def load_pipeline(ref: str, device: Optional[str] = None, dtype: str = "float32"
     if name == "StableDiffusionXLPipeline":
         pipe = StableDiffusionXLPipeline.from_pretrained(resolved, torch_dtype=DTYPES[dtype], add_watermarker=False,
                                                          **hub_kwargs())
-        supply_default_added_conditioning(pipe)
     elif "XL" in name:
         raise ValueError(f"{ref} is a {name}; evaluation generates text-to-image with StableDiffusionPipeline or "
                          "StableDiffusionXLPipeline folders")
@@ -79,27 +78,6 @@ def load_pipeline(ref: str, device: Optional[str] = None, dtype: str = "float32"
     pipe.scheduler = dpm_solver_pp_scheduler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(resolve_device(device))
-
-
-def supply_default_added_conditioning(pipe) -> None:
-    """Let bare ``pipe.unet(sample, t, encoder_hidden_states=...)`` calls (``speed.unet_macs_per_eval`` counts MACs
-    that way) run on an SDXL UNet: a forward pre-hook adds ``added_cond_kwargs`` (zero pooled embedding, time ids
-    of the latent's pixel size) when a call brings none. The pipeline always passes its own, so sampling is
-    unaffected. A workaround until speed.py passes added conditioning itself."""
-    unet = pipe.unet
-    pooled = int(pipe.text_encoder_2.config.projection_dim) if pipe.text_encoder_2 is not None else \
-        int(unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim)
-
-    def hook(module, args, kwargs):
-        if kwargs.get("added_cond_kwargs") is not None:
-            return None
-        sample = args[0] if args else kwargs["sample"]
-        n, side = sample.shape[0], sample.shape[-1] * pipe.vae_scale_factor
-        ids = torch.tensor([[side, side, 0, 0, side, side]], device=sample.device, dtype=sample.dtype).expand(n, -1)
-        text = sample.new_zeros(n, pooled)
-        return args, {**kwargs, "added_cond_kwargs": {"text_embeds": text, "time_ids": ids}}
-
-    unet.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def dpm_solver_pp_scheduler(scheduler):

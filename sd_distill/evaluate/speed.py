@@ -36,6 +36,11 @@ def unet_macs_per_eval(pipe, resolution: int) -> int:
     kwargs = {}
     if unet.config.time_cond_proj_dim is not None:
         kwargs["timestep_cond"] = torch.zeros(1, unet.config.time_cond_proj_dim, device=param.device, dtype=param.dtype)
+    if unet.config.get("addition_embed_type") == "text_time":  # SDXL: pooled text embedding + 6 size/crop ids
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=param.device, dtype=param.dtype)
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, pooled, device=param.device, dtype=param.dtype),
+                                       "time_ids": ids}
     counter = FlopCounterMode(display=False)
     with counter:
         unet(sample, torch.tensor([500], device=param.device), encoder_hidden_states=context, **kwargs)

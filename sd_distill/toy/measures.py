@@ -4,7 +4,8 @@
   pairs, and caption accuracy (attributes parsed back from the caption vs the scene) of the kept
   samples before and after recaptioning.
 - ``generation_measures``: attribute accuracy of generated images (the toy classifier reads each
-  scene's colours and shapes back) per model x steps, next to the report's FID / CLIP / HPS columns.
+  scene's colours and shapes back) per model x steps, next to the report's FID / CLIP / HPS columns,
+  and the paired distance of each run to the teacher's most-steps run (same prompts and seeds).
 """
 
 from __future__ import annotations
@@ -68,7 +69,14 @@ def curation_measures(sources_dir: str | Path, shards_dir: str | Path) -> dict:
 
 def generation_measures(records: list[dict], classifier_ref: str = "toy:classifier", prompt_set: str = "coco",
                         prompts: list[str] | None = None) -> list[dict]:
-    """Attribute accuracy of each record's generated images of ``prompt_set`` (prompts in order)."""
+    """Per model x steps: attribute accuracy of the generated images of ``prompt_set`` (prompts in order), and
+    how close they are to the reference run: the teacher (``kind`` teacher) at its most steps.
+
+    The closeness is paired (same prompt, same seed, so the same starting noise): ``rmse_to_ref`` is the
+    pixel RMSE in [0, 1] units between the two images, ``agreement_with_ref`` the fraction of scene
+    attributes the classifier reads the same on both. A student that learned its teacher's 2N-step
+    trajectory lands nearer the reference than the teacher's own N-step run does.
+    """
     from sd_distill.evaluate.generate import load_images
     from sd_distill.modelref import resolve_model_ref
     from sd_distill.toy.classifier import ToyAttributeClassifier
@@ -76,12 +84,28 @@ def generation_measures(records: list[dict], classifier_ref: str = "toy:classifi
     if prompts is None:
         raise ValueError("generation_measures needs the prompts the images were generated from, in order")
     classifier = ToyAttributeClassifier.from_pretrained(resolve_model_ref(classifier_ref)).eval()
+    runs = [r for r in records if r.get("images", {}).get(prompt_set)]
+    pixels = {id(r): _as_tensor(load_images(Path(r["images"][prompt_set]), len(prompts))) for r in runs}
+    teachers = [r for r in runs if r.get("kind") == "teacher"] or runs
+    ref = max(teachers, key=lambda r: r["steps"]) if teachers else None
+    ref_pred = classifier.predict(pixels[id(ref)]) if ref else None
     rows = []
-    for r in records:
-        folder = r.get("images", {}).get(prompt_set)
-        if folder is None:
-            continue
-        images = load_images(Path(folder), len(prompts))
-        rows.append({"model": r["model"], "steps": r["steps"],
-                     "attribute_accuracy": classifier.attribute_accuracy(images, prompts)})
+    for r in runs:
+        images = pixels[id(r)]
+        row = {"model": r["model"], "steps": r["steps"],
+               "attribute_accuracy": classifier.attribute_accuracy(images, prompts)}
+        if ref is not None:
+            pred = classifier.predict(images)
+            row.update(reference=f"{ref['model']}@{ref['steps']}",
+                       rmse_to_ref=float(((images - pixels[id(ref)]) ** 2).mean(dim=(1, 2, 3)).sqrt().mean()),
+                       agreement_with_ref=float(np.mean([np.mean([a[k] == b[k] for k in a]) for a, b in zip(pred, ref_pred)])))
+        rows.append(row)
     return rows
+
+
+def _as_tensor(images) -> "torch.Tensor":
+    """[N, 3, H, W] float in [0, 1] from PIL images."""
+    import torch
+
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 255.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2)
