@@ -75,7 +75,7 @@ def curate_and_distill(
     curate: CurateParams = CurateParams(),
     distill: DistillParams = DistillParams(),
     evaluate: Optional[EvaluateParams] = None,
-    toy_eval_prompts: int = 40,
+    toy_eval_prompts: int = 200,
     store_root: str = "",
     stage_deployments: StageDeployments = StageDeployments(),
 ) -> str:

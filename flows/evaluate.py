@@ -36,7 +36,7 @@ def toy_params(prompts: Manifest, **overrides) -> EvaluateParams:
 def evaluate(
     models: list[ModelSpec] = [ModelSpec(name="teacher", ref="toy:sd")],
     params: Optional[EvaluateParams] = None,
-    toy_prompts: int = 40,
+    toy_prompts: int = 200,
     store_root: str = "",
 ) -> Manifest:
     """Evaluate ``models``; ``params=None`` means the embedded toy world: ``toy_prompts`` held-out

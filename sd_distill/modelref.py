@@ -40,3 +40,38 @@ def resolve_model_ref(ref: str) -> str:
 def hub_kwargs() -> dict:
     """Keyword arguments for from_pretrained: offline unless downloads are allowed."""
     return {} if allow_download() else {"local_files_only": True}
+
+
+def model_fingerprint(ref: str, sample_bytes: int = 1 << 20) -> str:
+    """A content fingerprint of a model reference, for stage keys (16 hex chars).
+
+    For a local folder (and ``toy:<name>``) it hashes every file's relative path, size and first and last
+    ``sample_bytes``: retrained or replaced weights give a new fingerprint, while hashing whole multi-GB
+    checkpoints on every key computation is avoided. Hub ids (pin them with a revision in the id or
+    the hub cache) and stage-store URLs (content-addressed already) are their own fingerprint.
+    """
+    import hashlib
+
+    if "://" in ref and not ref.startswith("file://"):
+        return hashlib.sha256(ref.encode()).hexdigest()[:16]
+    try:
+        resolved = Path(resolve_model_ref(ref))
+    except FileNotFoundError:  # the stage that loads it reports the missing folder clearly
+        resolved = Path(ref)
+    if not resolved.exists():
+        return hashlib.sha256(ref.encode()).hexdigest()[:16]
+    base = resolved if resolved.is_dir() else resolved.parent
+    files = sorted(p for p in resolved.rglob("*") if p.is_file()) if resolved.is_dir() else [resolved]
+    h = hashlib.sha256()
+    for f in files:
+        rel = f.relative_to(base)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        size = f.stat().st_size
+        h.update(f"{rel.as_posix()}:{size}".encode())
+        with open(f, "rb") as handle:
+            h.update(handle.read(sample_bytes))
+            if size > 2 * sample_bytes:
+                handle.seek(-sample_bytes, os.SEEK_END)
+                h.update(handle.read(sample_bytes))
+    return h.hexdigest()[:16]

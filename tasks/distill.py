@@ -9,13 +9,15 @@ from pathlib import Path
 
 from sd_distill.distill import data, export
 from sd_distill.distill.methods import plan_phases
+from sd_distill.modelref import model_fingerprint
 from tasks._artifacts import publish_image, publish_markdown
 from tasks._stage import stage_task, work_dir
 from tasks._subprocess import run_streaming
 
 
 def _cache_key(p):
-    return {"teacher": p.teacher, "data": p.data}
+    # the fingerprint: a teacher folder whose weights changed in place must not reuse the old cache
+    return {"teacher": p.teacher, "teacher_fingerprint": model_fingerprint(p.teacher), "data": p.data}
 
 
 @stage_task("distill/cache", key_of=_cache_key, description="distill: encoding latents and prompts")

@@ -11,6 +11,7 @@ from prefect.artifacts import create_table_artifact
 
 from sd_distill.evaluate import report as report_lib
 from sd_distill.evaluate import run as lib
+from sd_distill.modelref import model_fingerprint
 from sd_distill.toy.sources import make_eval_prompts
 from tasks._artifacts import publish_image, publish_markdown
 from tasks._stage import stage_task
@@ -28,7 +29,12 @@ def toy_prompts(params, upstream, store_root):
 
 
 def _model_key(p):
-    return p  # (EvaluateParams, ModelSpec) pair: every field matters
+    """(EvaluateParams, ModelSpec): every field matters, and so do the weights behind each model reference."""
+    eval_params, model = p
+    refs = {"model": model.ref, "feature_extractor": eval_params.feature_extractor,
+            "hps_scorer": eval_params.hps_scorer, "clip_model": eval_params.clip_model}
+    return {"params": eval_params, "model": model,
+            "fingerprints": {k: model_fingerprint(v) for k, v in refs.items() if isinstance(v, str) and v}}
 
 
 @stage_task("evaluate/model", key_of=_model_key, description="evaluate: generating and scoring")

@@ -2,7 +2,7 @@
 
 What is checked, and how:
 * every shipped model's ``train_summary.json`` records the trainer's current default config (so the one
-  command retrains exactly the shipped recipe; ``toy:sd`` differs only in ``device``: it was trained on a GPU);
+  command retrains exactly the shipped recipe, on the CPU);
 * the trainers are bitwise deterministic on CPU (two short runs, identical weights);
 * the cheapest model, ``toy:classifier``, is retrained from scratch by the script and matches the shipped
   weights within float tolerance (slow: about a minute on an idle core).
@@ -42,8 +42,6 @@ def test_shipped_models_were_trained_with_the_current_default_recipe(name, confi
     module, cls = config.split(":")
     defaults = json.loads(json.dumps(getattr(importlib.import_module(module), cls)().model_dump()))
     shipped = json.loads((TOY_ASSETS / name / "train_summary.json").read_text())["config"]
-    if name == "sd":
-        assert shipped.pop("device") == "cuda" and defaults.pop("device") == "cpu"
     assert shipped == defaults
 
 
@@ -89,3 +87,23 @@ def test_retraining_the_classifier_reproduces_the_shipped_weights(tmp_path):
     assert worst < 1e-3, f"largest weight difference {worst:.2e}"
     assert json.loads((tmp_path / "classifier" / "config.json").read_text()) == json.loads(
         (TOY_ASSETS / "classifier" / "config.json").read_text())
+
+
+def test_weight_check_finds_a_changed_tensor_and_a_missing_file(tmp_path):
+    """``train_toy_models.py --check`` compares retrained folders with the shipped ones this way."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    diff = _script().weight_differences
+    shipped = TOY_ASSETS / "classifier"
+    same = tmp_path / "same"
+    shutil.copytree(shipped, same)
+    assert diff(same, shipped) == {"model.safetensors": 0.0}
+    state = load_file(str(same / "model.safetensors"))
+    name = sorted(state)[0]
+    state[name] = state[name] + 0.01
+    save_file(state, str(same / "model.safetensors"))
+    assert abs(diff(same, shipped)["model.safetensors"] - 0.01) < 1e-6
+    (same / "model.safetensors").unlink()
+    assert diff(same, shipped)["model.safetensors"] == float("inf")
