@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,7 +40,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def emit(event: dict) -> None:
-        print(json.dumps(event), flush=True)
+        # one JSON stream: under `accelerate launch` every process would print its own line, and two
+        # processes writing at once interleave on the launcher's stdout; the other ranks use stderr
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(event), flush=True)
 
     try:
         params = DistillParams.model_validate_json(args.params.read_text())
