@@ -40,7 +40,7 @@ def pretrain_unet(unet, prediction_type: str, cond, uncond, steps: int = 120, lr
     g = torch.Generator().manual_seed(seed)
     size = unet.config.sample_size
     x0 = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
-    text = torch.cat([cond, uncond.expand_as(cond)])
+    text = torch.cat([cond, uncond.expand(cond.shape[0], *cond.shape[1:])])  # tensors and TextCond alike
     opt = torch.optim.Adam(unet.parameters(), lr=lr)
     unet.train()
     for _ in range(steps):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests._fixtures_methods import pretrain_unet
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,30 +36,12 @@ def single_thread():
 
 
 def pretrain_sdxl_unet(unet, prediction_type: str, cond, uncond, steps: int = 120, lr: float = 2e-3, seed: int = 0):
-    """Denoising pre-training on a fixed batch (SD's objective for ``prediction_type``, half the rows on the
-    unconditional text), through the same TextCond path the methods use."""
-    from sd_distill.diffusion.math import add_noise, alphas_sigmas, convert
+    """The SD teachers' short denoising pre-training (``pretrain_unet``), fed through the TextCond path the
+    methods use."""
     from sd_distill.distill.textcond import accept_text_cond
-    from sd_distill.tiny.sd import ddim_scheduler
 
     accept_text_cond(unet)
-    acp = ddim_scheduler().alphas_cumprod
-    g = torch.Generator().manual_seed(seed)
-    size = unet.config.sample_size
-    x0 = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
-    text = torch.cat([cond, uncond.expand(cond.shape[0])])
-    opt = torch.optim.Adam(unet.parameters(), lr=lr)
-    unet.train()
-    for _ in range(steps):
-        t = torch.randint(0, 1000, (4,), generator=g)
-        a, s = alphas_sigmas(acp, t)
-        eps = torch.randn(x0.shape, generator=g)
-        z = add_noise(x0, eps, a, s)
-        loss = (unet(z, t, encoder_hidden_states=text).sample - convert(eps, z, a, s, "epsilon", prediction_type)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return unet.eval()
+    return pretrain_unet(unet, prediction_type, cond, uncond, steps=steps, lr=lr, seed=seed)
 
 
 def sdxl_teacher_folder(root: Path, prediction_type: str) -> Path:

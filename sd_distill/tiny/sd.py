@@ -127,23 +127,31 @@ def tiny_vae(*, block_out_channels: Sequence[int] = (16, 32), latent_channels: i
     )
 
 
-def tiny_text_encoder(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, max_len: int = 77, seed: int = 0):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_clip_text_config(vocab_size: int, hidden_size: int = 32, layers: int = 2, projection_dim: int | None = None,
+                          max_len: int = 77, **extra):
+    """A small ``CLIPTextConfig`` over ``vocab_size`` tokens (BOS/EOS/PAD at the end of the vocabulary)."""
+    from transformers import CLIPTextConfig
 
-    torch.manual_seed(seed)
-    cfg = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=max_len,
-        projection_dim=hidden_size,
+        projection_dim=projection_dim or hidden_size,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
+        **extra,
     )
-    return CLIPTextModel(cfg)
+
+
+def tiny_text_encoder(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, max_len: int = 77, seed: int = 0):
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(tiny_clip_text_config(vocab_size, hidden_size, layers, max_len=max_len))
 
 
 def ddim_scheduler(prediction_type: str = "epsilon"):

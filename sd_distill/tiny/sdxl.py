@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from sd_distill.tiny.sd import ddim_scheduler, tiny_vae, write_clip_tokenizer
+from sd_distill.tiny.sd import ddim_scheduler, tiny_clip_text_config, tiny_vae, write_clip_tokenizer
 
 NUM_TIME_IDS = 6  # (original h, original w, crop top, crop left, target h, target w)
 SDXL_VAE_SCALING = 0.13025  # SDXL base's VAE scaling_factor (SD 1.x / 2.x use 0.18215)
@@ -65,15 +65,6 @@ def tiny_sdxl_unet(
     )
 
 
-def _clip_config(vocab_size: int, hidden: int, layers: int, projection_dim: int, max_len: int = 77):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                          num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=max_len,
-                          projection_dim=projection_dim, hidden_act="gelu", bos_token_id=vocab_size - 2,
-                          eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
-
-
 def build_tiny_sdxl_pipeline(
     folder: str | Path | None = None,
     *,
@@ -105,10 +96,10 @@ def build_tiny_sdxl_pipeline(
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "1", words))
         tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "2", words))
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_clip_config(len(tokenizer), text_hidden[0], text_layers, text_hidden[0]))
+    text_encoder = CLIPTextModel(tiny_clip_text_config(len(tokenizer), text_hidden[0], text_layers, hidden_act="gelu"))
     torch.manual_seed(seed + 2)
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(len(tokenizer_2), text_hidden[1], text_layers,
-                                                              text_hidden[1]))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_text_config(len(tokenizer_2), text_hidden[1], text_layers,
+                                                                       hidden_act="gelu"))
     vae = tiny_vae(block_out_channels=vae_blocks, sample_size=image_size, seed=seed)
     vae.register_to_config(scaling_factor=SDXL_VAE_SCALING, force_upcast=True)
     latent = image_size // 2 ** (len(vae_blocks) - 1)
