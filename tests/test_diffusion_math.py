@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from sd_distill.diffusion.math import (add_noise, alphas_sigmas, cfg_combine, convert, ddim_step, guidance_embedding,
-                                       snr_weight, to_eps, to_v, to_x0, two_step_target)
+from sd_distill.diffusion.math import (add_noise, alphas_sigmas, cfg_combine, convert, ddim_endpoint_scale, ddim_step,
+                                       guidance_embedding, snr_weight, to_eps, to_v, to_x0, two_step_target)
+from sd_distill.distill.methods.common import regression_loss
 from sd_distill.diffusion.schedule import NoiseSchedule
 from sd_distill.tiny.sd import ddim_scheduler
 from tests._fixtures_methods import PREDICTION_TYPES, single_thread  # noqa: F401
@@ -145,3 +146,26 @@ def test_weighted_errors_agree_across_loss_spaces():
             err = (convert(x_hat, z, alpha, sigma, "sample", space) - convert(x0, z, alpha, sigma, "sample", space))
             vals.append(snr_weight(alpha, sigma, scheme, space).reshape(-1) * err.pow(2).flatten(1).mean(1))
         assert torch.allclose(vals[0], vals[1], rtol=1e-3) and torch.allclose(vals[0], vals[2], rtol=1e-3)
+
+
+def test_endpoint_loss_is_the_mse_between_where_the_two_ddim_steps_land():
+    """loss_space 'endpoint': the student's x0 error is measured where its one DDIM step t -> t_end lands, i.e. the
+    MSE between z_t_end(student) and z_t_end(teacher target); high-noise steps, which barely move the endpoint per
+    unit of x0 error, weigh correspondingly little."""
+    x0, _, alpha, sigma, z = _state(4, t=(999, 500, 124))
+    acp = ddim_scheduler().alphas_cumprod
+    a_e, s_e = alphas_sigmas(acp, torch.tensor([874, 374, -1]), final_alpha_cumprod=float(acp[0]))
+    x_hat = x0 + 0.1 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+
+    def land(x):
+        return ddim_step(z, x, to_eps(x, z, alpha, sigma, "sample"), a_e, s_e)
+
+    expected = (land(x_hat) - land(x0)).pow(2).flatten(1).mean(1).mean()
+    got = regression_loss(x_hat, x0, z, alpha, sigma, "endpoint", "none", end=(a_e, s_e))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-4)
+    scale = ddim_endpoint_scale(alpha, sigma, a_e, s_e).reshape(-1)
+    assert scale[0] < 0.1 < 0.5 < scale[2]  # the first of 8 trailing steps vs the last one
+    with pytest.raises(ValueError, match="end"):
+        regression_loss(x_hat, x0, z, alpha, sigma, "endpoint", "none")
+    with pytest.raises(ValueError, match="snr_weighting 'none'"):
+        snr_weight(alpha, sigma, "min_snr_5", "endpoint")

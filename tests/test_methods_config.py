@@ -75,6 +75,7 @@ def test_phase_plans_of_every_method():
     ({"kind": "bksdm_kd"}, "bk-base"),
     ({"guidance_min": 8, "guidance_max": 2}, "guidance_max"),
     ({"loss_space": "pixels"}, "x0"),
+    ({"loss_space": "endpoint", "snr_weighting": "snr"}, "snr_weighting must be 'none'"),
     ({"lr": 1e-4}, "extra"),
 ])
 def test_bad_method_config_fails_with_valid_options(bad, match):
@@ -135,7 +136,9 @@ def test_architecture_mismatch_and_missing_w_input_are_clear_errors(load_tiny_te
 @pytest.mark.parametrize("kind, extra", [("cfg_aware", {}), ("progressive", {}), ("w_conditioned", {}),
                                          ("bksdm_kd", {"student_arch": "bk-tiny"}),
                                          ("cfg_aware", {"student_arch": "bk-small", "loss_space": "epsilon",
-                                                        "snr_weighting": "min_snr_5"})])
+                                                        "snr_weighting": "min_snr_5"}),
+                                         ("cfg_aware", {"loss_space": "endpoint"}),
+                                         ("w_conditioned", {"loss_space": "endpoint"})])
 def test_every_phase_loss_is_finite_and_reaches_only_the_student(load_tiny_teacher, kind, extra):
     teacher = load_tiny_teacher("v_prediction")
     cfg = MethodConfig(kind=kind, teacher_steps=4, student_steps=2, progressive_start_steps=4, **extra)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 SNR_SCHEMES = ("none", "snr", "truncated_snr", "min_snr_5")
-LOSS_SPACES = ("x0", "epsilon", "v")
+LOSS_SPACES = ("x0", "epsilon", "v", "endpoint")
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 
@@ -139,8 +139,18 @@ def two_step_target(
     ``x_t2`` -> z_t'' is the teacher's latent after its (two, or more) DDIM steps; the same formula serves any
     number of teacher steps between t and t''. At t'' = 0 with sigma_t'' = 0 it reduces to z_t'' / alpha_t''.
     """
-    ratio = sigma_t2 / sigma_t
-    return (x_t2 - ratio * x_t) / (alpha_t2 - ratio * alpha_t)
+    return (x_t2 - (sigma_t2 / sigma_t) * x_t) / ddim_endpoint_scale(alpha_t, sigma_t, alpha_t2, sigma_t2)
+
+
+def ddim_endpoint_scale(alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma_s: Tensor) -> Tensor:
+    """How far one DDIM step t -> s moves its endpoint per unit of x0 error, at fixed z_t.
+
+    The step is z_s = alpha_s x_hat + (sigma_s / sigma_t)(z_t - alpha_t x_hat), so d z_s / d x_hat =
+    alpha_s - (sigma_s / sigma_t) alpha_t. It is small at high noise (about 0.04 for the first of 8 trailing steps of
+    SD's schedule) and close to alpha_s at the last step: the ``endpoint`` loss space weights x0 errors by its square,
+    i.e. measures the error where the student's step lands, not in the model's output.
+    """
+    return alpha_s - (sigma_s / sigma_t) * alpha_t
 
 
 def cfg_combine(cond: Tensor, uncond: Tensor, scale: Tensor | float) -> Tensor:
@@ -180,7 +190,7 @@ def snr_weight(
     alpha: Tensor,
     sigma: Tensor,
     scheme: Literal["none", "snr", "truncated_snr", "min_snr_5"],
-    loss_space: Literal["x0", "epsilon", "v"] = "x0",
+    loss_space: Literal["x0", "epsilon", "v", "endpoint"] = "x0",
 ) -> Tensor:
     """Per-sample weight that multiplies an MSE measured in ``loss_space``.
 
@@ -199,6 +209,9 @@ def snr_weight(
         raise ValueError(f"unknown loss space {loss_space!r}; valid: {list(LOSS_SPACES)}")
     if scheme == "none":
         return torch.ones_like(alpha)
+    if loss_space == "endpoint":
+        raise ValueError(f"snr weighting {scheme!r} is defined for the x0 / epsilon / v loss spaces; the endpoint space "
+                         "carries its own per-step weight: use snr_weighting 'none'")
     s = snr(alpha, sigma)
     lam = {"snr": s, "truncated_snr": s.clamp(min=1.0), "min_snr_5": s.clamp(max=5.0)}[scheme]
     space_factor = {"x0": torch.ones_like(s), "epsilon": s, "v": s + 1.0}[loss_space]

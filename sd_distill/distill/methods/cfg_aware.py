@@ -12,7 +12,8 @@ Per batch (symbols as in :mod:`sd_distill.diffusion.math`):
  4. Targets x~ = two_step_target(z_t, z'', ...) for both (the x0 that reaches z'' in one DDIM step).
  5. Student, one batched forward of (uncond, cond): x_hat_cfg = cfg_combine(x_hat_c, x_hat_u, s), x_hat_van = x_hat_c.
  6. loss = cfg_loss_weight * L(x_hat_cfg, x~_cfg) + vanilla_loss_weight * L(x_hat_van, x~_van), with L the MSE in
-    ``loss_space`` weighted by ``snr_weighting``.
+    ``loss_space`` weighted by ``snr_weighting`` (``endpoint``: the distance between where the student's step and
+    the teacher's steps land at t_end).
 The student keeps the teacher's prediction type: every output is converted to x0 at the boundary, so epsilon,
 sample and v_prediction teachers are handled by the same code.
 """
@@ -82,11 +83,12 @@ class CfgAwareDistillation:
         total = x0.new_zeros((), dtype=torch.float32)
         if use_cfg:
             l_cfg = regression_loss(cfg_combine(x_c, x_u, s), targets["cfg"], z_t, a_t, s_t, cfg.loss_space,
-                                    cfg.snr_weighting)
+                                    cfg.snr_weighting, end=(a_e, s_e))
             total = total + cfg.cfg_loss_weight * l_cfg
             logs["loss_cfg"] = float(l_cfg.detach())
         if use_van:
-            l_van = regression_loss(x_c, targets["vanilla"], z_t, a_t, s_t, cfg.loss_space, cfg.snr_weighting)
+            l_van = regression_loss(x_c, targets["vanilla"], z_t, a_t, s_t, cfg.loss_space, cfg.snr_weighting,
+                                    end=(a_e, s_e))
             total = total + cfg.vanilla_loss_weight * l_van
             logs["loss_vanilla"] = float(l_van.detach())
         logs["loss"] = float(total.detach())

@@ -9,7 +9,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from sd_distill.diffusion.math import convert, ddim_step, snr_weight, to_eps, to_x0
+from sd_distill.diffusion.math import convert, ddim_endpoint_scale, ddim_step, snr_weight, to_eps, to_x0
 from sd_distill.diffusion.sampling import GuidanceMode, guided_prediction
 from sd_distill.diffusion.schedule import NoiseSchedule
 from sd_distill.distill.textcond import TextCond
@@ -119,12 +119,23 @@ def teacher_endpoint(unet, schedule: NoiseSchedule, z_t: Tensor, t: Tensor, t_en
 
 
 def regression_loss(x0_pred: Tensor, x0_target: Tensor, z_t: Tensor, alpha: Tensor, sigma: Tensor,
-                    loss_space: str, snr_weighting: str) -> Tensor:
+                    loss_space: str, snr_weighting: str, end: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """mean_b w_b * mean((S(x_hat) - S(x~))^2) with S the loss space (x0 / epsilon / v at the same z_t) and
-    w the SNR weight (:func:`sd_distill.diffusion.math.snr_weight`)."""
+    w the SNR weight (:func:`sd_distill.diffusion.math.snr_weight`).
+
+    ``endpoint``: S(x) is where one DDIM step from (z_t, t) with estimate x lands at the step's end, whose
+    (alpha, sigma) are ``end`` (the student's next grid point); the constant part cancels, leaving
+    ``ddim_endpoint_scale * x``.
+    """
     alpha, sigma = alpha.to(x0_pred.dtype), sigma.to(x0_pred.dtype)
-    pred = convert(x0_pred, z_t, alpha, sigma, "sample", loss_space)
-    target = convert(x0_target.to(x0_pred.dtype), z_t, alpha, sigma, "sample", loss_space)
+    if loss_space == "endpoint":
+        if end is None:
+            raise ValueError("loss_space 'endpoint' needs the step's end (alpha, sigma); this method passed none")
+        scale = ddim_endpoint_scale(alpha, sigma, end[0].to(x0_pred.dtype), end[1].to(x0_pred.dtype))
+        pred, target = scale * x0_pred, scale * x0_target.to(x0_pred.dtype)
+    else:
+        pred = convert(x0_pred, z_t, alpha, sigma, "sample", loss_space)
+        target = convert(x0_target.to(x0_pred.dtype), z_t, alpha, sigma, "sample", loss_space)
     per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
     weight = snr_weight(alpha.float(), sigma.float(), snr_weighting, loss_space).reshape(-1)
     return (weight * per_sample).mean()

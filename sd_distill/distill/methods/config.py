@@ -25,7 +25,8 @@ class MethodConfig(BaseModel):
     guidance_max: float = Field(14.0, ge=1.0)  # upper end of that range (SnapFusion uses [2, 14])
     cfg_loss_weight: float = Field(1.0, ge=0.0)  # weight of the CFG-aware term (student+CFG vs teacher+CFG)
     vanilla_loss_weight: float = Field(1.0, ge=0.0)  # weight of the plain step-distillation term (no guidance)
-    loss_space: Literal["x0", "epsilon", "v"] = "v"  # space the MSE is measured in (v: SnapFusion's choice)
+    loss_space: Literal["x0", "epsilon", "v", "endpoint"] = "v"  # space the MSE is measured in (v: SnapFusion's
+    # choice; endpoint: the latent where the student's DDIM step lands vs where the teacher's steps land)
     snr_weighting: Literal["none", "snr", "truncated_snr", "min_snr_5"] = "none"  # per-timestep weight (see math)
     timestep_spacing: Literal["trailing", "leading", "linspace", "teacher"] = "trailing"  # student/teacher DDIM grid;
     # trailing starts at t = T-1 and nests (the 2N grid refines the N grid); "teacher" keeps the teacher scheduler's
@@ -46,6 +47,9 @@ class MethodConfig(BaseModel):
                                  f"student_steps ({self.student_steps}), e.g. 16 -> 8 or 32 -> 8")
             if self.cfg_loss_weight == 0 and self.vanilla_loss_weight == 0:
                 raise ValueError("cfg_loss_weight and vanilla_loss_weight are both 0: nothing to train")
+        if self.loss_space == "endpoint" and self.snr_weighting != "none":
+            raise ValueError(f"loss_space 'endpoint' weights each step by where it lands; snr_weighting must be 'none' "
+                             f"(got {self.snr_weighting!r})")
         if self.kind == "bksdm_kd" and self.student_arch == "same":
             raise ValueError(f"bksdm_kd needs a block-removed student_arch; valid: {list(STUDENT_ARCHS[1:])}")
         if self.kind in ("w_conditioned", "progressive"):

@@ -56,15 +56,16 @@ class WConditionedStage1:
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         x0, cond, uncond = unpack_batch(batch)
         n, device, dtype = x0.shape[0], x0.device, x0.dtype
-        t, _ = student_intervals(self.schedule, self.student_steps, n, generator, device)
+        t, t_end = student_intervals(self.schedule, self.student_steps, n, generator, device)
         a, s = (v.to(dtype) for v in self.schedule.alphas_sigmas(t.cpu(), device=device))
+        end = tuple(v.to(dtype) for v in self.schedule.alphas_sigmas(t_end.cpu(), device=device))
         z_t = add_noise(x0, randn(x0.shape, generator, device, dtype), a, s)
         g = uniform(n, self.cfg.guidance_min, self.cfg.guidance_max, generator, device)
         with torch.no_grad():
             target = to_x0(guided_prediction(self.teacher_unet, z_t, t, cond, uncond, g, self.teacher_mode), z_t, a, s,
                            self.prediction_type)
         pred = to_x0(guided_prediction(self.student, z_t, t, cond, None, g, "wcond"), z_t, a, s, self.prediction_type)
-        loss = regression_loss(pred, target, z_t, a, s, self.cfg.loss_space, self.cfg.snr_weighting)
+        loss = regression_loss(pred, target, z_t, a, s, self.cfg.loss_space, self.cfg.snr_weighting, end=end)
         return loss, {"loss": float(loss.detach()), "guidance_mean": float(g.mean())}
 
 
@@ -98,5 +99,6 @@ class WConditionedHalving:
         target = two_step_target(z_t, z_e, a_t, s_t, a_e, s_e)
         pred = to_x0(guided_prediction(self.student, z_t, t, cond, None, g, "wcond"), z_t, a_t, s_t,
                      self.prediction_type)
-        loss = regression_loss(pred, target, z_t, a_t, s_t, self.cfg.loss_space, self.cfg.snr_weighting)
+        loss = regression_loss(pred, target, z_t, a_t, s_t, self.cfg.loss_space, self.cfg.snr_weighting,
+                               end=(a_e, s_e))
         return loss, {"loss": float(loss.detach()), "t_mean": float(t.float().mean()), "guidance_mean": float(g.mean())}
