@@ -141,16 +141,25 @@ def run_phases(cfg, teacher, batch: dict, steps: int, lr: float = 1e-3, verbose:
     return method
 
 
-def step_gap(teacher, method, batch: dict, guidance: float, n: int, seed: int = 123) -> dict[str, float]:
-    """Distances, from the same noise and prompts, to the teacher's guided 2N-step DDIM output:
-    ``student`` (the student at N steps, sampled its own way) and ``teacher_n`` (the teacher at N steps)."""
+GAP_SEEDS = (123,) + tuple(range(10))  # noise draws step_gap averages over (one draw decides too little)
+
+
+def step_gap(teacher, method, batch: dict, guidance: float, n: int,
+             seeds: tuple[int, ...] = GAP_SEEDS) -> dict[str, float]:
+    """Relative distances, from the same noise and prompts, to the teacher's guided 2N-step DDIM output, averaged
+    over the noise draws ``seeds``: ``student`` (the student at N steps, sampled its own way) and ``teacher_n``
+    (the teacher at N steps)."""
     from sd_distill.diffusion.sampling import ddim_sample
     from sd_distill.distill.methods import sample_student
 
-    z = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(seed))
     c, u = batch["prompt_embeds"], batch["negative_embeds"]
-    ref = ddim_sample(teacher.unet, method.schedule, z, c, u, 2 * n, guidance, teacher.prediction_type)
-    t_n = ddim_sample(teacher.unet, method.schedule, z, c, u, n, guidance, teacher.prediction_type)
     method.student.eval()
-    s_n = sample_student(method, z, c, u, guidance)
-    return {"student": float((s_n - ref).norm() / ref.norm()), "teacher_n": float((t_n - ref).norm() / ref.norm())}
+    student, teacher_n = [], []
+    for seed in seeds:
+        z = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(seed))
+        ref = ddim_sample(teacher.unet, method.schedule, z, c, u, 2 * n, guidance, teacher.prediction_type)
+        t_n = ddim_sample(teacher.unet, method.schedule, z, c, u, n, guidance, teacher.prediction_type)
+        s_n = sample_student(method, z, c, u, guidance)
+        student.append(float((s_n - ref).norm() / ref.norm()))
+        teacher_n.append(float((t_n - ref).norm() / ref.norm()))
+    return {"student": sum(student) / len(seeds), "teacher_n": sum(teacher_n) / len(seeds)}

@@ -1,6 +1,7 @@
 """The issue's "Done when": after a short training on a fixed tiny batch, the student's N-step output, from the same
-noise and prompts, is closer to the teacher's guided 2N-step output than the teacher's own N-step output is --
-for every step-distillation method and every teacher prediction type. BK-SDM students (architecture distillation,
+noise and prompts, is closer to the teacher's guided 2N-step output than the teacher's own N-step output is
+(mean relative distance over 11 noise draws, with a 10% margin) -- for every step-distillation method and every
+teacher prediction type. BK-SDM students (architecture distillation,
 no step reduction) must get closer to the teacher than their block-removed initialisation is."""
 
 from __future__ import annotations
@@ -15,17 +16,14 @@ from tests._fixtures_methods import (PREDICTION_TYPES, load_tiny_teacher, prompt
 N = 1  # student steps; the teacher reference runs 2N (trailing grid: 999 -> final vs 999 -> 499 -> final)
 GUIDANCE = 5.0  # the guidance scale s trained and evaluated (diffusers form)
 STEPS, LR = 60, 1e-4  # Adam steps per phase and learning rate
-W_STEPS, W_LR = 100, 3e-4  # w_conditioned: the zero-initialised guidance input needs more steps / a larger rate
-# Known gap: w_conditioned with a sample-prediction teacher meets the bar on this test's noise seed, but on 1 of
-# 10 other seeds only (mean distance 0.38 vs the 1-step teacher's 0.23; the halving stage is where it falls
-# short). Not strict, so the lucky pass is not counted as done; see the issue notes.
-SEED_DEPENDENT = pytest.mark.xfail(strict=False, reason="w_conditioned + sample teacher passes on this seed only")
+W_STEPS, W_LR = 200, 1e-4  # w_conditioned: the zero-initialised guidance input needs more steps. 3e-4 (the
+# session-1 value) overshoots with a sample-prediction teacher: its halving loss rose while training and the
+# student's mean distance was 0.36 vs the 1-step teacher's 0.26 (0.20 at 1e-4 x 200).
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prediction_type, kind", [
-    (p, k) if (k, p) != ("w_conditioned", "sample") else pytest.param(p, k, marks=SEED_DEPENDENT)
-    for k in ("cfg_aware", "progressive", "w_conditioned") for p in PREDICTION_TYPES])
+    (p, k) for k in ("cfg_aware", "progressive", "w_conditioned") for p in PREDICTION_TYPES])
 def test_student_n_steps_lands_closer_to_guided_teacher_2n_than_teacher_n(load_tiny_teacher, kind, prediction_type):
     teacher = load_tiny_teacher(prediction_type)
     batch = prompt_batch(teacher)
