@@ -151,8 +151,9 @@ def step_gap(teacher, method, batch: dict, guidance: float, n: int,
     (the teacher at N steps)."""
     from sd_distill.diffusion.sampling import ddim_sample
     from sd_distill.distill.methods import sample_student
+    from sd_distill.distill.methods.common import unpack_batch
 
-    c, u = batch["prompt_embeds"], batch["negative_embeds"]
+    _, c, u = unpack_batch(batch)  # SD hidden states, or SDXL TextCond pairs
     method.student.eval()
     student, teacher_n = [], []
     for seed in seeds:

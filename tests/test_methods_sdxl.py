@@ -1,6 +1,6 @@
 """SDXL teachers: the tiny SDXL pipeline, the TextCond conditioning path (checked against diffusers' own
-StableDiffusionXLPipeline), the issue's "Done when" gap for cfg_aware / progressive with epsilon and v_prediction
-teachers, and the refusals (block-removed SDXL students)."""
+StableDiffusionXLPipeline), the issue's "Done when" gap for cfg_aware / progressive / w_conditioned (epsilon and
+v_prediction teachers), and the refusals (block-removed SDXL students)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ from sd_distill.distill.methods.common import unpack_batch
 from sd_distill.distill.textcond import TextCond, unet_kwargs
 from tests._fixtures_evaluate import (coco_fixture, eval_root, hpsv2_fixture, tiny_classifier_folder,  # noqa: F401
                                       tiny_clip_folder)
-from tests._fixtures_methods import run_phases
+from tests._fixtures_methods import run_phases, step_gap
 from tests._fixtures_sdxl import (PROMPTS, RESOLUTION, SDXL_PREDICTION_TYPES, sdxl_batch,  # noqa: F401
                                   sdxl_root, sdxl_teachers, single_thread)
 
 N = 1  # student steps; the teacher reference runs 2N
 GUIDANCE = 5.0  # the guidance scale s trained and evaluated (diffusers form)
 STEPS, LR = 60, 1e-4  # Adam steps per phase and learning rate (the SD methods test's values)
+W_STEPS, W_LR = 200, 1e-4  # w_conditioned (the SD methods test's values)
 
 
 def _stock_pipeline(teacher):
@@ -96,30 +97,18 @@ def test_guided_ddim_through_text_cond_matches_the_stock_sdxl_pipeline(sdxl_teac
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-def sdxl_step_gap(teacher, method, batch: dict, guidance: float, n: int, seed: int = 123) -> dict[str, float]:
-    """Distances to the teacher's guided 2N-step DDIM output from the same noise and text: the student at N steps
-    (sampled its own way) and the teacher at N steps."""
-    from sd_distill.diffusion.sampling import ddim_sample
-
-    _, c, u = unpack_batch(batch)
-    z = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(seed))
-    ref = ddim_sample(teacher.unet, method.schedule, z, c, u, 2 * n, guidance, teacher.prediction_type)
-    t_n = ddim_sample(teacher.unet, method.schedule, z, c, u, n, guidance, teacher.prediction_type)
-    method.student.eval()
-    s_n = sample_student(method, z, c, u, guidance)
-    return {"student": float((s_n - ref).norm() / ref.norm()), "teacher_n": float((t_n - ref).norm() / ref.norm())}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("prediction_type, kind", [("epsilon", "cfg_aware"), ("v_prediction", "cfg_aware"),
-                                                   ("epsilon", "progressive")])  # one progressive halving == k = 2
+                                                   ("epsilon", "progressive"),  # one progressive halving == k = 2
+                                                   ("epsilon", "w_conditioned")])
 def test_sdxl_student_n_steps_lands_closer_to_guided_teacher_2n_than_teacher_n(sdxl_teachers, kind, prediction_type):
     teacher = sdxl_teachers(prediction_type)
     batch = sdxl_batch(teacher)
     cfg = MethodConfig(kind=kind, teacher_steps=2 * N, student_steps=N, progressive_start_steps=2 * N,
-                       guidance_min=GUIDANCE, guidance_max=GUIDANCE)
-    method = run_phases(cfg, teacher, batch, STEPS, LR)
-    gap = sdxl_step_gap(teacher, method, batch, GUIDANCE, N)
+                       guidance_min=GUIDANCE, guidance_max=GUIDANCE, w_embed_dim=16)
+    steps, lr = (W_STEPS, W_LR) if kind == "w_conditioned" else (STEPS, LR)
+    method = run_phases(cfg, teacher, batch, steps, lr)
+    gap = step_gap(teacher, method, batch, GUIDANCE, N)  # mean over 11 noise draws
     assert gap["student"] < 0.9 * gap["teacher_n"], gap
 
 
