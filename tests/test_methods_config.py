@@ -138,6 +138,8 @@ def test_architecture_mismatch_and_missing_w_input_are_clear_errors(load_tiny_te
                                          ("cfg_aware", {"student_arch": "bk-small", "loss_space": "epsilon",
                                                         "snr_weighting": "min_snr_5"}),
                                          ("cfg_aware", {"loss_space": "endpoint"}),
+                                         ("cfg_aware", {"trajectory_fraction": 1.0}),
+                                         ("progressive", {"trajectory_fraction": 0.5}),
                                          ("w_conditioned", {"loss_space": "endpoint"})])
 def test_every_phase_loss_is_finite_and_reaches_only_the_student(load_tiny_teacher, kind, extra):
     teacher = load_tiny_teacher("v_prediction")
@@ -153,3 +155,48 @@ def test_every_phase_loss_is_finite_and_reaches_only_the_student(load_tiny_teach
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
         assert all(p.grad is None for p in teacher.unet.parameters())
         teacher_unet = student.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_trajectory_states_follow_a_stock_ddim_scheduler_with_cfg(load_tiny_teacher, prediction_type):
+    """teacher_trajectory_states: each row of a batch with mixed target times is the state a stock diffusers
+    DDIMScheduler loop (trailing grid, CFG at that row's guidance) reaches at that time from the same noise."""
+    from diffusers import DDIMScheduler
+
+    from sd_distill.diffusion.schedule import NoiseSchedule
+    from sd_distill.distill.methods.common import teacher_trajectory_states
+
+    teacher = load_tiny_teacher(prediction_type)
+    batch = prompt_batch(teacher)
+    steps, n = 4, 4
+    scheduler = DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    schedule = NoiseSchedule.from_scheduler(scheduler).with_spacing("trailing")
+    grid = schedule.timesteps(steps)
+    t = grid[torch.tensor([3, 0, 2, 1])]
+    guidance = torch.tensor([2.0, 5.0, 7.5, 3.0])
+    noise = torch.randn(n, *batch["latents"].shape[1:], generator=torch.Generator().manual_seed(3))
+    cond = batch["prompt_embeds"].repeat(2, 1, 1)
+    uncond = batch["negative_embeds"].expand(n, -1, -1)
+    got = teacher_trajectory_states(teacher.unet, schedule, steps, 1, t, noise, cond, uncond, guidance,
+                                    prediction_type)
+    for row in range(n):
+        z = noise[row:row + 1]
+        for step_t in scheduler.timesteps:
+            if step_t == t[row]:
+                break
+            with torch.no_grad():
+                out = teacher.unet(torch.cat([z, z]), step_t, encoder_hidden_states=torch.cat(
+                    [uncond[row:row + 1], cond[row:row + 1]])).sample
+            out_u, out_c = out.chunk(2)
+            z = scheduler.step(out_u + guidance[row] * (out_c - out_u), step_t, z).prev_sample
+        torch.testing.assert_close(got[row:row + 1], z, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got[1], noise[1])  # the grid's first time is the noise itself
+
+
+def test_trajectory_fraction_only_for_cfg_aware_and_progressive():
+    assert MethodConfig(kind="progressive", trajectory_fraction=0.5).trajectory_fraction == 0.5
+    with pytest.raises(ValidationError, match="trajectory_fraction is implemented for cfg_aware and progressive"):
+        MethodConfig(kind="w_conditioned", trajectory_fraction=0.5)
+    with pytest.raises(ValidationError, match="less than or equal to 1"):
+        MethodConfig(trajectory_fraction=1.5)

@@ -5,7 +5,9 @@ is regressed onto the teacher's CFG trajectory; its loss is mixed with the vanil
 Salimans & Ho 2022, Alg. 2 (the student's one DDIM step must land where the teacher's steps land).
 
 Per batch (symbols as in :mod:`sd_distill.diffusion.math`):
- 1. t from the student's N-step DDIM grid, t_end the next grid point; eps ~ N(0, I); z_t = alpha_t x + sigma_t eps.
+ 1. t from the student's N-step DDIM grid, t_end the next grid point; eps ~ N(0, I); z_t = alpha_t x + sigma_t eps
+    (or, for a ``trajectory_fraction`` of the batch, the state at t of the teacher's own guided sampler from noise:
+    :func:`~sd_distill.distill.methods.common.teacher_trajectory_states`).
  2. s ~ U[guidance_min, guidance_max] per sample (diffusers form, see ``cfg_combine``).
  3. Teacher, no grad, k = teacher_steps / student_steps DDIM steps t -> t_end:
     with CFG at s -> z''_cfg, and conditional only -> z''_van.
@@ -27,8 +29,8 @@ from sd_distill.diffusion.math import add_noise, cfg_combine, two_step_target
 from sd_distill.diffusion.sampling import guided_prediction
 from sd_distill.diffusion.math import to_x0
 from sd_distill.distill.methods.config import training_schedule
-from sd_distill.distill.methods.common import (randn, regression_loss, student_intervals, teacher_endpoint, uniform,
-                                               unpack_batch)
+from sd_distill.distill.methods.common import (randn, regression_loss, student_intervals, teacher_endpoint,
+                                               teacher_trajectory_states, uniform, unpack_batch)
 
 
 class CfgAwareDistillation:
@@ -57,6 +59,15 @@ class CfgAwareDistillation:
         a_e, s_e = (v.to(dtype) for v in self.schedule.alphas_sigmas(t_end.cpu(), device=device))
         z_t = add_noise(x0, randn(x0.shape, generator, device, dtype), a_t, s_t)
         s = uniform(n, cfg.guidance_min, cfg.guidance_max, generator, device)
+        if cfg.trajectory_fraction > 0:  # some states from the teacher's own guided sampler instead
+            on_path = uniform(n, 0.0, 1.0, generator, device) < cfg.trajectory_fraction
+            if on_path.any():
+                rows = on_path.nonzero().squeeze(1)
+                noise = randn(x0[rows].shape, generator, device, dtype)
+                z_t = z_t.clone()
+                z_t[rows] = teacher_trajectory_states(self.teacher_unet, self.schedule, self.student_steps, self.k,
+                                                      t[rows], noise, cond[rows], uncond[rows], s[rows],
+                                                      self.prediction_type)
         # 3-4. teacher endpoints and one-step targets
         use_cfg, use_van = cfg.cfg_loss_weight > 0, cfg.vanilla_loss_weight > 0
         targets = {}

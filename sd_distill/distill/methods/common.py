@@ -118,6 +118,28 @@ def teacher_endpoint(unet, schedule: NoiseSchedule, z_t: Tensor, t: Tensor, t_en
     return z
 
 
+@torch.no_grad()
+def teacher_trajectory_states(unet, schedule: NoiseSchedule, student_steps: int, k: int, t: Tensor, noise: Tensor,
+                              cond, uncond, guidance: Tensor, prediction_type: str) -> Tensor:
+    """z_t taken from the teacher's own guided sampler instead of the forward process.
+
+    Each sample starts from unit noise at the first time of the student's N-step grid and follows the teacher's
+    k*N-step DDIM sampler (k teacher steps per student interval, CFG at the sample's own guidance) until it reaches
+    its ``t`` (a point of that grid). These are the states the distilled student meets when it samples: a guided
+    ODE trajectory, whose noise is correlated with its content, is not ``alpha x + sigma eps`` for an independent
+    eps, and on the toy teacher the one-vs-two-step gap is several times smaller on it than on noised data.
+    """
+    grid = schedule.timesteps(student_steps).to(t.device)
+    position = (grid[None, :] == t[:, None]).float().argmax(1)  # index of each t on the grid
+    z = noise.clone()
+    for j in range(int(position.max())):
+        rows = (position > j).nonzero().squeeze(1)
+        t_j, t_next = grid[j].expand(len(rows)), grid[j + 1].expand(len(rows))
+        z[rows] = teacher_endpoint(unet, schedule, z[rows], t_j, t_next, k, cond[rows],
+                                   None if uncond is None else uncond[rows], guidance[rows], "cfg", prediction_type)
+    return z
+
+
 def regression_loss(x0_pred: Tensor, x0_target: Tensor, z_t: Tensor, alpha: Tensor, sigma: Tensor,
                     loss_space: str, snr_weighting: str, end: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """mean_b w_b * mean((S(x_hat) - S(x~))^2) with S the loss space (x0 / epsilon / v at the same z_t) and

@@ -28,6 +28,9 @@ class MethodConfig(BaseModel):
     loss_space: Literal["x0", "epsilon", "v", "endpoint"] = "v"  # space the MSE is measured in (v: SnapFusion's
     # choice; endpoint: the latent where the student's DDIM step lands vs where the teacher's steps land)
     snr_weighting: Literal["none", "snr", "truncated_snr", "min_snr_5"] = "none"  # per-timestep weight (see math)
+    trajectory_fraction: float = Field(0.0, ge=0.0, le=1.0)  # cfg_aware / progressive: share of training states
+    # taken from the teacher's own guided sampler (from noise) instead of noised curated latents (0: SnapFusion's
+    # data states; costs up to N-1 extra teacher intervals per such sample)
     timestep_spacing: Literal["trailing", "leading", "linspace", "teacher"] = "trailing"  # student/teacher DDIM grid;
     # trailing starts at t = T-1 and nests (the 2N grid refines the N grid); "teacher" keeps the teacher scheduler's
     progressive_start_steps: int = Field(32, ge=2)  # w_conditioned/progressive: teacher steps of the first halving
@@ -50,6 +53,8 @@ class MethodConfig(BaseModel):
         if self.loss_space == "endpoint" and self.snr_weighting != "none":
             raise ValueError(f"loss_space 'endpoint' weights each step by where it lands; snr_weighting must be 'none' "
                              f"(got {self.snr_weighting!r})")
+        if self.trajectory_fraction > 0 and self.kind not in ("cfg_aware", "progressive"):
+            raise ValueError(f"trajectory_fraction is implemented for cfg_aware and progressive, not {self.kind!r}")
         if self.kind == "bksdm_kd" and self.student_arch == "same":
             raise ValueError(f"bksdm_kd needs a block-removed student_arch; valid: {list(STUDENT_ARCHS[1:])}")
         if self.kind in ("w_conditioned", "progressive"):
