@@ -10,7 +10,8 @@ prompts with one fixed seed per prompt, it prints pixel RMSE between:
 
 * DDIM 8 steps and the *teacher's* DDIM 16 steps (trailing grid), guidance 7.5 and 1: what CFG-aware
   16 -> 8 distillation trains the student for (the teacher's own 8 steps are the bar);
-* DPM-Solver++ 8 steps and the teacher's DPM-Solver++ 20 steps, guidance 7.5: what evaluate compares.
+* DPM-Solver++ 8 steps and the teacher's DPM-Solver++ 20 steps, guidance 7.5: evaluate's sampler, here on the
+  trailing grid for teacher and student alike (evaluate keeps each model's own grid: leading for ``toy:sd``).
 
 A first line gives the teacher's own figures. Use it to choose settings before a full evaluate run: these
 distances need no metric model and take about a minute per setting after training.
@@ -33,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from prefect import flow  # noqa: E402
+
+from sd_distill.toy.measures import paired_rmse  # noqa: E402
 
 from flows.distill import distill  # noqa: E402
 from sd_distill.distill.config import DistillParams  # noqa: E402
@@ -59,27 +62,21 @@ def load(ref: str):
 
 
 def generate(pipe, scheduler_config: dict, texts: list[str], steps: int, guidance: float, sampler: str) -> torch.Tensor:
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler
 
-    if sampler == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing")
-    else:
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++",
-                                                                 timestep_spacing="trailing")
+    from sd_distill.evaluate.generate import dpm_solver_pp_scheduler
+
+    ddim = DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing")
+    pipe.scheduler = ddim if sampler == "ddim" else dpm_solver_pp_scheduler(ddim)
     gens = [torch.Generator().manual_seed(i) for i in range(len(texts))]
     out = pipe(texts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np").images
     return torch.from_numpy(out)
 
 
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over images of the per-image pixel RMSE (images in [0, 1])."""
-    return float(((a - b) ** 2).mean(dim=(1, 2, 3)).sqrt().mean())
-
-
 def distances(pipe, refs: dict, scheduler_config: dict, texts: list[str]) -> dict[str, float]:
-    return {"ddim8_gs7.5": rmse(generate(pipe, scheduler_config, texts, 8, 7.5, "ddim"), refs["ddim16_gs7.5"]),
-            "ddim8_gs1": rmse(generate(pipe, scheduler_config, texts, 8, 1.0, "ddim"), refs["ddim16_gs1"]),
-            "dpm8_gs7.5": rmse(generate(pipe, scheduler_config, texts, 8, 7.5, "dpm"), refs["dpm20_gs7.5"])}
+    return {"ddim8_gs7.5": paired_rmse(generate(pipe, scheduler_config, texts, 8, 7.5, "ddim"), refs["ddim16_gs7.5"]),
+            "ddim8_gs1": paired_rmse(generate(pipe, scheduler_config, texts, 8, 1.0, "ddim"), refs["ddim16_gs1"]),
+            "dpm8_gs7.5": paired_rmse(generate(pipe, scheduler_config, texts, 8, 7.5, "dpm"), refs["dpm20_gs7.5"])}
 
 
 @flow(name="bench-toy-distill")

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sd_distill.distill.methods import MethodConfig, make_student, plan_phases, sample_student
-from sd_distill.distill.methods.common import unpack_batch
+from sd_distill.distill.methods import MethodConfig, make_student, plan_phases
 from sd_distill.distill.textcond import TextCond, unet_kwargs
 from tests._fixtures_evaluate import (coco_fixture, eval_root, hpsv2_fixture, tiny_classifier_folder,  # noqa: F401
                                       tiny_clip_folder)

@@ -97,10 +97,15 @@ def generation_measures(records: list[dict], classifier_ref: str = "toy:classifi
         if ref is not None:
             pred = classifier.predict(images)
             row.update(reference=f"{ref['model']}@{ref['steps']}",
-                       rmse_to_ref=float(((images - pixels[id(ref)]) ** 2).mean(dim=(1, 2, 3)).sqrt().mean()),
+                       rmse_to_ref=paired_rmse(images, pixels[id(ref)]),
                        agreement_with_ref=float(np.mean([np.mean([a[k] == b[k] for k in a]) for a, b in zip(pred, ref_pred)])))
         rows.append(row)
     return rows
+
+
+def paired_rmse(images, reference) -> float:
+    """Mean over image pairs of the per-image pixel RMSE (``[N, ...]`` tensors in [0, 1], same order)."""
+    return float(((images - reference) ** 2).flatten(1).mean(1).sqrt().mean())
 
 
 def _as_tensor(images) -> "torch.Tensor":

@@ -64,7 +64,6 @@ class CfgAwareDistillation:
             if on_path.any():
                 rows = on_path.nonzero().squeeze(1)
                 noise = randn(x0[rows].shape, generator, device, dtype)
-                z_t = z_t.clone()
                 z_t[rows] = teacher_trajectory_states(self.teacher_unet, self.schedule, self.student_steps, self.k,
                                                       t[rows], noise, cond[rows], uncond[rows], s[rows],
                                                       self.prediction_type)

@@ -130,13 +130,16 @@ def teacher_trajectory_states(unet, schedule: NoiseSchedule, student_steps: int,
     eps, and on the toy teacher the one-vs-two-step gap is several times smaller on it than on noised data.
     """
     grid = schedule.timesteps(student_steps).to(t.device)
-    position = (grid[None, :] == t[:, None]).float().argmax(1)  # index of each t on the grid
+    on_grid = grid[None, :] == t[:, None]
+    if not bool(on_grid.any(1).all()):
+        raise ValueError(f"teacher_trajectory_states: times {t.tolist()} are not all on the {student_steps}-step grid")
+    position = on_grid.float().argmax(1)  # index of each t on the grid
     z = noise.clone()
     for j in range(int(position.max())):
         rows = (position > j).nonzero().squeeze(1)
         t_j, t_next = grid[j].expand(len(rows)), grid[j + 1].expand(len(rows))
         z[rows] = teacher_endpoint(unet, schedule, z[rows], t_j, t_next, k, cond[rows],
-                                   None if uncond is None else uncond[rows], guidance[rows], "cfg", prediction_type)
+                                   uncond[rows], guidance[rows], "cfg", prediction_type)
     return z
 
 
