@@ -85,3 +85,17 @@ def test_guided_prediction_rejects_bad_modes_and_missing_inputs(load_tiny_teache
         guided_prediction(teacher.unet, z, 10, c, None, 2.0, "cfg")
     with pytest.raises(ValueError, match="time_cond_proj_dim"):
         guided_prediction(teacher.unet, z, 10, c, None, 2.0, "wcond")
+
+
+def test_ddim_sample_refuses_guidance_without_negative_embeds(load_tiny_teacher):
+    """guidance > 1 with no unconditional branch used to sample unguided without a word; it is an error now,
+    while guidance 1 (unguided) and a w-conditioned UNet (guidance through its embedding) need no negatives."""
+    from sd_distill.distill.teacher import encode_prompts
+
+    teacher = load_tiny_teacher("epsilon")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = encode_prompts(teacher, PROMPTS[:1])
+    with pytest.raises(ValueError, match="needs negative_embeds"):
+        ddim_sample(teacher.unet, teacher.scheduler, z, cond, None, 2, 7.5, "epsilon")
+    unguided = ddim_sample(teacher.unet, teacher.scheduler, z, cond, None, 2, 1.0, "epsilon")
+    assert unguided.shape == z.shape and torch.isfinite(unguided).all()

@@ -6,6 +6,11 @@
 * ``"cond"``  the conditional output only (no guidance, s = 1);
 * ``"wcond"`` one conditional evaluation with ``timestep_cond = guidance_embedding(s - 1)`` (a w-conditioned UNet,
   Meng et al. 2023; ``s - 1`` is what a stock ``StableDiffusionPipeline`` embeds, see :mod:`math`).
+
+Precision: the UNet runs in whatever dtype it has (bf16 / fp16 weights, or autocast); its output is upcast to
+fp32 before anything else touches it, so the CFG combination, the guidance scale and the DDIM update that follow
+are fp32 whatever the UNet's dtype (a bf16-rounded s = 7.3 is 7.3125; bf16-rounded alpha_t / sigma_t bias every
+teacher sub-step the same way).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from sd_distill.diffusion.math import cfg_combine, check_prediction_type, ddim_step, guidance_embedding, to_eps, to_x0
+from sd_distill.diffusion.math import (cfg_combine, check_prediction_type, ddim_step, guidance_embedding, imagen_w, to_eps,
+                                       to_x0)
 from sd_distill.diffusion.schedule import NoiseSchedule
 
 GuidanceMode = Literal["cfg", "cond", "wcond"]
@@ -26,6 +32,12 @@ def _batch(x: Tensor, n: int) -> Tensor:
     return x.expand(n, *x.shape[1:]) if x.shape[0] == 1 and n > 1 else x
 
 
+def _unet_dtype(unet) -> torch.dtype | None:
+    """The dtype of the UNet's weights (its inputs are cast to it, so a bf16 / fp16 UNet runs without autocast)."""
+    param = next(iter(unet.parameters()), None) if hasattr(unet, "parameters") else None
+    return None if param is None else param.dtype
+
+
 def _per_sample(value: Tensor | float, n: int, device) -> Tensor:
     v = torch.as_tensor(value, dtype=torch.float32, device=device).reshape(-1)
     return v.expand(n) if v.numel() == 1 else v
@@ -34,30 +46,34 @@ def _per_sample(value: Tensor | float, n: int, device) -> Tensor:
 def guided_prediction(
     unet, z: Tensor, t: Tensor, cond: Tensor, uncond: Tensor | None, guidance: Tensor | float, mode: GuidanceMode
 ) -> Tensor:
-    """The UNet output (in its own prediction type) at (z_t, t) under ``mode``; ``guidance`` is s, per sample or scalar.
+    """The UNet output (in its own prediction type) at (z_t, t) under ``mode``, in fp32; ``guidance`` is s, per sample
+    or scalar, and is combined in fp32.
 
-    ``cond`` / ``uncond`` are text embeddings ``[B or 1, L, D]``; ``t`` is ``[B]`` or a scalar.
+    ``cond`` / ``uncond`` are text embeddings ``[B or 1, L, D]``; ``t`` is ``[B]`` or a scalar. ``z`` and the text
+    are cast to the UNet's weight dtype for the forward pass only.
     """
     if mode not in GUIDANCE_MODES:
         raise ValueError(f"unknown guidance mode {mode!r}; valid: {list(GUIDANCE_MODES)}")
     n = z.shape[0]
     t = torch.as_tensor(t, device=z.device).long().reshape(-1).expand(n) if torch.as_tensor(t).numel() == 1 \
         else torch.as_tensor(t, device=z.device).long()
-    cond = _batch(cond, n)
+    dtype = _unet_dtype(unet) or z.dtype
+    z_in, cond = z.to(dtype), _batch(cond, n).to(dtype)
     if mode == "cond":
-        return unet(z, t, encoder_hidden_states=cond).sample
+        return unet(z_in, t, encoder_hidden_states=cond).sample.float()
     s = _per_sample(guidance, n, z.device)
     if mode == "wcond":
         dim = unet.config.time_cond_proj_dim
         if dim is None:
             raise ValueError("guidance mode 'wcond' needs a w-conditioned UNet (unet.config.time_cond_proj_dim is None)")
-        emb = guidance_embedding(s - 1.0, dim).to(device=z.device, dtype=z.dtype)
-        return unet(z, t, encoder_hidden_states=cond, timestep_cond=emb).sample
+        emb = guidance_embedding(imagen_w(s), dim).to(device=z.device, dtype=dtype)
+        return unet(z_in, t, encoder_hidden_states=cond, timestep_cond=emb).sample.float()
     if uncond is None:
         raise ValueError("guidance mode 'cfg' needs negative (unconditional) embeddings")
-    out = unet(torch.cat([z, z]), torch.cat([t, t]), encoder_hidden_states=torch.cat([_batch(uncond, n), cond])).sample
+    text = torch.cat([_batch(uncond, n).to(dtype), cond])
+    out = unet(torch.cat([z_in, z_in]), torch.cat([t, t]), encoder_hidden_states=text).sample.float()
     out_u, out_c = out.chunk(2)
-    return cfg_combine(out_c, out_u, s.to(out.dtype))
+    return cfg_combine(out_c, out_u, s)
 
 
 def _schedule(scheduler_or_alphas) -> NoiseSchedule:
@@ -85,18 +101,23 @@ def ddim_sample(
     Each step (Song et al. 2021 eq. 12): 1. evaluate the UNet under guidance (CFG when ``guidance`` > 1 and not
     ``w_conditioned``; the guidance embedding when ``w_conditioned``); 2. convert its output to x_hat and eps_hat;
     3. z_prev = alpha_prev x_hat + sigma_prev eps_hat. Timesteps and the final alpha follow the scheduler's config,
-    so the result matches a stock ``DDIMScheduler`` loop.
+    so the result matches a stock ``DDIMScheduler`` loop. Steps 2-3 run in fp32 whatever the UNet's dtype; the
+    result is fp32. ``guidance`` > 1 without ``negative_embeds`` (and not w-conditioned) is an error: CFG needs
+    the unconditional branch, and sampling without it would silently be unguided.
     """
     check_prediction_type(prediction_type)
     schedule = _schedule(scheduler_or_alphas)
-    needs_cfg = bool(torch.as_tensor(guidance).gt(1.0).any()) and negative_embeds is not None
-    mode: GuidanceMode = "wcond" if w_conditioned else ("cfg" if needs_cfg else "cond")
-    z = latents
+    guided = bool(torch.as_tensor(guidance).gt(1.0).any())
+    if guided and not w_conditioned and negative_embeds is None:
+        raise ValueError(f"ddim_sample: guidance {guidance} > 1 needs negative_embeds for classifier-free guidance "
+                         "(pass the encoded negative prompt), or guidance=1.0 for unguided sampling")
+    mode: GuidanceMode = "wcond" if w_conditioned else ("cfg" if guided else "cond")
+    z = latents.float()
     for t in schedule.timesteps(steps).tolist():
         alpha, sigma = schedule.alphas_sigmas(t, device=z.device)
         alpha_p, sigma_p = schedule.alphas_sigmas(schedule.prev_timestep(t, steps), device=z.device)
         pred = guided_prediction(unet, z, torch.tensor([t]), prompt_embeds, negative_embeds, guidance, mode)
-        x0 = to_x0(pred, z, alpha.to(z.dtype), sigma.to(z.dtype), prediction_type)
-        eps = to_eps(pred, z, alpha.to(z.dtype), sigma.to(z.dtype), prediction_type)
-        z = ddim_step(z, x0, eps, alpha_p.to(z.dtype), sigma_p.to(z.dtype))
+        x0 = to_x0(pred, z, alpha, sigma, prediction_type)
+        eps = to_eps(pred, z, alpha, sigma, prediction_type)
+        z = ddim_step(z, x0, eps, alpha_p, sigma_p)
     return z

@@ -90,10 +90,13 @@ def unpack_batch(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | TextCond, T
 
 def x0_and_eps(unet, z, t, cond, uncond, guidance, mode: GuidanceMode, prediction_type: str,
                schedule: NoiseSchedule) -> tuple[Tensor, Tensor]:
-    """The UNet's (x_hat, eps_hat) at (z_t, t) under a guidance mode, converted from its prediction type."""
+    """The UNet's (x_hat, eps_hat) at (z_t, t) under a guidance mode, converted from its prediction type.
+
+    fp32 whatever the UNet's dtype: the prediction is upcast by ``guided_prediction`` and alpha_t, sigma_t and z_t
+    enter the conversion in fp32 (a bf16 teacher must not see a bf16-rounded schedule)."""
     pred = guided_prediction(unet, z, t.clamp(min=0), cond, uncond, guidance, mode)
     alpha, sigma = schedule.alphas_sigmas(t.cpu(), device=z.device)
-    alpha, sigma = alpha.to(pred.dtype), sigma.to(pred.dtype)
+    z = z.float()
     return to_x0(pred, z, alpha, sigma, prediction_type), to_eps(pred, z, alpha, sigma, prediction_type)
 
 
@@ -103,16 +106,17 @@ def teacher_endpoint(unet, schedule: NoiseSchedule, z_t: Tensor, t: Tensor, t_en
     """z at t_end after ``k`` teacher DDIM steps from z_t (Salimans & Ho 2022, Alg. 2, the inner teacher loop).
 
     Intermediate times are t_j = t - round(j (t - t_end) / k). A negative time is "past the last step"
-    (final alpha); once a sample gets there it stays (its remaining sub-steps are skipped).
+    (final alpha); once a sample gets there it stays (its remaining sub-steps are skipped). The sub-steps' DDIM
+    updates run in fp32 (the result is fp32) whatever the UNet's dtype.
     """
-    z, t_cur = z_t, t.clone()
+    z, t_cur = z_t.float(), t.clone()
     for j in range(1, k + 1):
         t_next = t_end if j == k else t - torch.round(j * (t - t_end).float() / k).long()
         t_next = torch.where(t_next < 0, torch.full_like(t_next, -1), t_next)
         active = t_cur >= 0
         x0, eps = x0_and_eps(unet, z, t_cur, cond, uncond, guidance, mode, prediction_type, schedule)
         a_n, s_n = schedule.alphas_sigmas(t_next.cpu(), device=z.device)
-        z_new = ddim_step(z, x0, eps, a_n.to(z.dtype), s_n.to(z.dtype))
+        z_new = ddim_step(z, x0, eps, a_n, s_n)
         z = torch.where(active.reshape(-1, 1, 1, 1), z_new, z)
         t_cur = torch.where(active, t_next, t_cur)
     return z
@@ -134,7 +138,7 @@ def teacher_trajectory_states(unet, schedule: NoiseSchedule, student_steps: int,
     if not bool(on_grid.any(1).all()):
         raise ValueError(f"teacher_trajectory_states: times {t.tolist()} are not all on the {student_steps}-step grid")
     position = on_grid.float().argmax(1)  # index of each t on the grid
-    z = noise.clone()
+    z = noise.float().clone()
     for j in range(int(position.max())):
         rows = (position > j).nonzero().squeeze(1)
         t_j, t_next = grid[j].expand(len(rows)), grid[j + 1].expand(len(rows))
