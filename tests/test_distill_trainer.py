@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from sd_distill.distill.hooks.ema import EMA
-from sd_distill.distill.hooks.nan_guard import NanGuard, TrainingDivergedError
+from sd_distill.distill.hooks.nan_guard import NanGuard, TrainingDivergedError, skip_update
 from sd_distill.distill.methods import plan_phases
 from sd_distill.distill.trainer import lr_multiplier, train_phase
 from tests._fixtures_distill import tiny_cache, tiny_curated, tiny_params, tiny_teacher  # noqa: F401
@@ -124,6 +124,50 @@ def test_exploding_loss_is_bad_after_warmup_and_nan_guard_is_patient():
     assert guard.check(4, 50.0, 0.5, None) is False  # first bad step: skipped
     with pytest.raises(TrainingDivergedError, match="2 bad step"):
         guard.check(5, float("inf"), 0.5, None)
+
+
+def _fp16_style_step(model, opt, scaler, guard, step, loss_scale=1.0, poison=False):
+    """The trainer's step order with a GradScaler: scaled backward, unscale (clipping), guard, step or skip."""
+    loss = model(torch.ones(1, 2)).sum() * loss_scale
+    if poison:
+        loss = loss * float("inf")
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    good = guard.check(step, float(loss.detach()), None, None)
+    if good:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        skip_update(scaler)
+    opt.zero_grad(set_to_none=True)
+    return good
+
+
+def test_fp16_grad_scaler_survives_a_step_the_nan_guard_rejects():
+    """A rejected step skips optimizer.step() (which is what calls scaler.update()); without skip_update the next
+    step's unscale_ raises "unscale_() has already been called". With it, training goes on, the scale backs off
+    after the inf gradients, and the rejected step leaves the weights alone."""
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    guard = NanGuard(patience=2)
+    assert _fp16_style_step(model, opt, scaler, guard, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert not _fp16_style_step(model, opt, scaler, guard, 2, poison=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert scaler.get_scale() == 512.0  # backoff_factor 0.5 after the inf gradients
+    assert _fp16_style_step(model, opt, scaler, guard, 3)  # unscale_ works again
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    broken = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt.zero_grad()
+    (broken.scale(model(torch.ones(1, 2)).sum()) * float("inf")).backward()
+    broken.unscale_(opt)  # ... the guard rejects, nothing updates the scaler ...
+    opt.zero_grad()
+    broken.scale(model(torch.ones(1, 2)).sum()).backward()
+    with pytest.raises(RuntimeError, match="unscale_\(\) has already been called"):
+        broken.unscale_(opt)
 
 
 def test_ema_follows_the_warmed_up_decay_and_is_exported(tiny_teacher, tiny_cache, tmp_path):

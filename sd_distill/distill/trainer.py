@@ -29,7 +29,7 @@ from sd_distill.distill.config import DistillParams, TrainerConfig
 from sd_distill.distill.data import LatentDataset, encode_pixels, micro_batch_indices
 from sd_distill.distill.hooks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sd_distill.distill.hooks.ema import EMA
-from sd_distill.distill.hooks.nan_guard import NanGuard
+from sd_distill.distill.hooks.nan_guard import NanGuard, skip_update
 from sd_distill.distill.hooks.progress import ProgressHook
 from sd_distill.progress import ProgressFn
 
@@ -202,6 +202,8 @@ def train_phase(
                 optimizer.step()
                 if ema is not None and not getattr(optimizer, "step_was_skipped", False):
                     ema.update(raw_student)
+            else:
+                skip_update(accelerator.scaler)
             optimizer.zero_grad(set_to_none=True)
             lr = lr_scheduler.get_last_lr()[0]
             lr_scheduler.step()

@@ -4,7 +4,8 @@ A step is *bad* when its loss (or gradient norm) is NaN/inf, or when its loss ex
 ``explode_factor`` times the running mean of the good losses seen so far (after ``warmup`` good steps).
 A bad step's update is skipped (the trainer zeroes the gradients); more than ``patience``
 consecutive bad steps raise ``TrainingDivergedError``. Checkpoints are only written after good
-steps, so the newest checkpoint on disk is always a good one.
+steps, so the newest checkpoint on disk is always a good one. :func:`skip_update` closes a rejected step for
+fp16's gradient scaler.
 """
 
 from __future__ import annotations
@@ -74,3 +75,16 @@ class NanGuard:
         self.running_mean = state["running_mean"]
         self.good_steps = int(state["good_steps"])
         self.bad_in_a_row = int(state["bad_in_a_row"])
+
+
+def skip_update(grad_scaler) -> None:
+    """Close a step whose update the guard rejected, for an fp16 ``GradScaler`` (no-op without one).
+
+    The optimizer step is what normally calls ``scaler.update()``; a skipped step leaves the ``unscale_`` that
+    gradient clipping recorded, and the next step's ``unscale_`` raises "unscale_() has already been called".
+    ``update()`` consumes the record: it lowers the scale when the gradients held inf / NaN (the usual cause of a
+    rejected fp16 step) and resets the per-step state. Precondition: this step's gradients were unscaled (the
+    trainer always clips before the guard decides).
+    """
+    if grad_scaler is not None and grad_scaler.is_enabled():
+        grad_scaler.update()
