@@ -17,6 +17,19 @@ from sd_distill.diffusion.math import alphas_sigmas
 
 SPACINGS = ("leading", "trailing", "linspace")
 
+# A latent-space DDIM sampler never clips or thresholds x_hat: latents are not in [-1, 1]. Set explicitly because
+# ``DDIMScheduler.from_config`` on a config without these keys (Euler, DPM-Solver, LMS configs of community
+# teachers) falls back to DDIM's own default ``clip_sample=True``; only ``StableDiffusionPipeline`` resets it.
+LATENT_DDIM_OVERRIDES = {"clip_sample": False, "thresholding": False}
+
+
+def latent_ddim_scheduler(config: dict, **overrides):
+    """A diffusers ``DDIMScheduler`` from any scheduler's config (PNDM, Euler, DPM-Solver, LMS, DDIM, ...) with
+    ``LATENT_DDIM_OVERRIDES`` and then ``overrides`` applied."""
+    from diffusers import DDIMScheduler  # deferred: diffusers is heavy to import
+
+    return DDIMScheduler.from_config(dict(config), **{**LATENT_DDIM_OVERRIDES, **overrides})
+
 
 @dataclass
 class NoiseSchedule:

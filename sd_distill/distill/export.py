@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+from sd_distill.diffusion.schedule import latent_ddim_scheduler
 from sd_distill.progress import ProgressFn, report
 
 STUDENT_FORMAT = "sd_distill.student/1"
@@ -98,7 +99,7 @@ def export_student(params, phase_dirs: Sequence[str | Path], out_dir: str | Path
     student = UNet2DConditionModel.from_pretrained(str(Path(phase_dirs[-1]) / "unet"))
     teacher_sched = DDIMScheduler.from_pretrained(teacher_ref, subfolder="scheduler", **hub_kwargs())
     spacing = last.get("timestep_spacing") or teacher_sched.config.get("timestep_spacing", "leading")
-    scheduler = DDIMScheduler.from_config(teacher_sched.config, timestep_spacing=spacing)
+    scheduler = latent_ddim_scheduler(teacher_sched.config, timestep_spacing=spacing)
     sdxl = is_sdxl_index(check_teacher_folder(teacher_ref)) or student.config.get("addition_embed_type") == "text_time"
     pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     pipe = pipeline_class.from_pretrained(teacher_ref, unet=student, scheduler=scheduler, **hub_kwargs())

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from sd_distill.diffusion.math import PREDICTION_TYPES
-from sd_distill.diffusion.schedule import NoiseSchedule
+from sd_distill.diffusion.schedule import LATENT_DDIM_OVERRIDES, NoiseSchedule
 from sd_distill.distill.textcond import TextCond
 from sd_distill.modelref import hub_kwargs, resolve_model_ref
 
@@ -148,7 +148,7 @@ def load_teacher(ref: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     vae = load("vae", AutoencoderKL.from_pretrained)
     text_encoder = load("text_encoder", CLIPTextModel.from_pretrained)
     tokenizer = load("tokenizer", CLIPTokenizer.from_pretrained)
-    scheduler = load("scheduler", DDIMScheduler.from_pretrained)
+    scheduler = load("scheduler", lambda *a, **k: DDIMScheduler.from_pretrained(*a, **k, **LATENT_DDIM_OVERRIDES))
     pred = scheduler.config.prediction_type
     if pred not in PREDICTION_TYPES:  # hub ids are only checked here
         raise ValueError(f"teacher {ref}: unknown prediction_type {pred!r}; valid: {list(PREDICTION_TYPES)}")
