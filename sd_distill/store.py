@@ -1,4 +1,4 @@
-"""Content-addressed stage store (DESIGN.md, "Stage store").
+"""Content-addressed stage store (docs/design.md, "The stage store").
 
 Every stage writes into ``<root>/<stage>/<key>/`` where ``key`` hashes the stage
 name, its parameters, the keys of its upstream manifests and a code version.

@@ -100,7 +100,7 @@ def publish_report(manifest) -> str:
 
 @task(name="toy-world-measures")
 def toy_world_measures(shards, report, store_root: str) -> dict:
-    """Issue 6's checks against ground truth: the HPS filter vs planted bad pairs, caption accuracy,
+    """The toy world's checks against ground truth: the HPS filter vs planted bad pairs, caption accuracy,
     attribute accuracy of every model x steps' generations."""
     from sd_distill.evaluate.prompts import load_coco_prompts
     from sd_distill.store import StageStore

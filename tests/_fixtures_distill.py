@@ -39,7 +39,7 @@ def png_bytes(rng: np.random.Generator, width: int, height: int) -> bytes:
 
 
 def write_tiny_curated(folder: Path, n: int = 12, rows_per_shard: int = 8, seed: int = 0, bad_images: int = 0) -> Path:
-    """Curated shards with DESIGN.md's columns (non-square images of varying size; ``bad_images`` undecodable rows)."""
+    """Curated shards with the columns of docs/design.md (non-square images of varying size; ``bad_images`` undecodable rows)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

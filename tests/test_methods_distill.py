@@ -16,8 +16,8 @@ from tests._fixtures_methods import (PREDICTION_TYPES, load_tiny_teacher, prompt
 N = 1  # student steps; the teacher reference runs 2N (trailing grid: 999 -> final vs 999 -> 499 -> final)
 GUIDANCE = 5.0  # the guidance scale s trained and evaluated (diffusers form)
 STEPS, LR = 60, 1e-4  # Adam steps per phase and learning rate
-W_STEPS, W_LR = 200, 1e-4  # w_conditioned: the zero-initialised guidance input needs more steps. 3e-4 (the
-# session-1 value) overshoots with a sample-prediction teacher: its halving loss rose while training and the
+W_STEPS, W_LR = 200, 1e-4  # w_conditioned: the zero-initialised guidance input needs more steps. 3e-4
+# overshoots with a sample-prediction teacher: its halving loss rose while training and the
 # student's mean distance was 0.36 vs the 1-step teacher's 0.26 (0.20 at 1e-4 x 200).
 
 

@@ -1,4 +1,4 @@
-"""Stage store contract (DESIGN.md): content-addressed, atomic, manifest with sha256 of every file."""
+"""Stage store contract (docs/design.md, "The stage store"): content-addressed, atomic, manifest with sha256 of every file."""
 
 import json
 import threading

@@ -44,7 +44,7 @@ class SourceSpec(_Params):
     images_root: Optional[str] = None
     # hpdv2: keep only each prompt's human-preferred image ("preferred") or every ranked image ("all").
     hpdv2_images: Literal["preferred", "all"] = "preferred"
-    # toy: number of generated scenes, RNG seed and planted fraction of bad pairs (issue 6).
+    # toy: number of generated scenes, RNG seed and planted fraction of bad pairs.
     toy_n: int = Field(default=200, ge=1)
     toy_seed: int = 0
     toy_bad_fraction: float = Field(default=0.25, ge=0.0, le=1.0)

@@ -1,4 +1,4 @@
-"""Step 5, shards: the curated dataset as DESIGN.md fixes it, and its checked reader.
+"""Step 5, shards: the curated dataset as docs/design.md fixes it, and its checked reader.
 
 ``part-00000.parquet``, ``part-00001.parquet``, ... hold one row per kept sample with exactly
 ``CURATED_COLUMNS`` (+ the extras: ``local_path``, ``caption_reason`` and the JSON ``extra``);

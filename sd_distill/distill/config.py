@@ -55,7 +55,7 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     resolution: Optional[int] = Field(None, ge=8)  # pixels; None = the teacher's own (512 for SD 1.5, 32 for toy:sd)
-    caption_column: str = "caption"  # curated column with the training text (DESIGN.md: the cleaned caption)
+    caption_column: str = "caption"  # curated column with the training text (docs/design.md: the cleaned caption)
     max_samples: Optional[int] = Field(None, ge=1)  # cap on curated rows read; None = all
     negative_prompt: str = ""  # the unconditional prompt of classifier-free guidance (SD's empty prompt)
     cache_latents: bool = True  # VAE-encode once in the cache step; False caches pixels and encodes every step
@@ -71,10 +71,6 @@ class DistillParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     teacher: str = "toy:sd"  # diffusers pipeline folder, hub id, or toy:<name>
-    method: MethodConfig = Field(default_factory=lambda: MethodConfig(trajectory_fraction=0.5))  # distillation method;
-    # the toy default is the reference cfg_aware 16 -> 8 with half the training states on the teacher's own guided
-    # sampler (toy student 8 steps, 200 prompts: FID 108.0 / CLIP 70.28 / HPS 68.63 vs 102.3 / 69.99 / 66.32 with
-    # data states only; the teacher's 8 steps: 111.4 / 70.25 / 68.18). A `method` given in full starts from
-    # MethodConfig's own defaults (trajectory_fraction 0, SnapFusion's data states).
+    method: MethodConfig = Field(default_factory=MethodConfig)  # distillation method (its defaults: MethodConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)  # optimisation and the training loop's hooks
     data: DataConfig = Field(default_factory=DataConfig)  # latent cache built from the curated shards

@@ -1,6 +1,6 @@
 """Latent + text-embedding cache: the VAE and the text encoder run once, not every epoch.
 
-``build_latent_cache`` reads the curated Parquet shards (DESIGN.md "Curated dataset": ``image`` bytes and
+``build_latent_cache`` reads the curated Parquet shards (docs/design.md, "Curated shards": ``image`` bytes and
 the training ``caption``, read with the curate stage's checked reader), resizes each image's shorter side to ``resolution`` and center-crops it, then writes
 
 - ``shard-00000.safetensors`` ...  ``latent_mean`` / ``latent_std`` [n, 4, h, w]: the VAE posterior

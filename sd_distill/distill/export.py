@@ -10,7 +10,7 @@
 - ``distill_config.json``: parameters, phases, prediction type, guidance convention, how to sample the student;
 - ``loss_curve.csv`` / ``loss_curve.png``: every phase's per-step losses on one global step axis.
 
-Guidance convention (DESIGN.md "Diffusion math"): ``guidance_scale`` is the diffusers/LCM scale s of
+Guidance convention (docs/design.md, "Diffusion math and guidance"): ``guidance_scale`` is the diffusers/LCM scale s of
 ``eps_u + s (eps_c - eps_u)`` for teacher and student alike. A w-conditioned student (``time_cond_proj_dim`` set)
 is sampled by the stock pipeline in one pass per step with the guidance embedding of ``s - 1`` (Imagen's w), and
 was trained on exactly that embedding, so ``guidance_scale=7.5`` means the same for it as for the teacher.

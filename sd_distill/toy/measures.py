@@ -1,4 +1,4 @@
-"""What the toy world lets us check against ground truth (issue 6), from the stage folders of a run.
+"""What the toy world lets us check against ground truth, from the stage folders of a run.
 
 - ``curation_measures``: precision / recall of the curate stage's rejections against the planted bad
   pairs, and caption accuracy (attributes parsed back from the caption vs the scene) of the kept

@@ -309,5 +309,5 @@ def caption_accuracy(captions: Sequence[str], truths: Iterable[Mapping | str]) -
     return float(np.mean([caption_score(c, t) for c, t in zip(captions, truths)]))
 
 
-# the writers live in sources.py (kept apart for file size); importable from here as the brief names them
+# the writers live in sources.py (kept apart for file size); importable from here too
 from sd_distill.toy.sources import make_eval_prompts, make_toy_sources  # noqa: E402,F401

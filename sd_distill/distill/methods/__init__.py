@@ -1,13 +1,13 @@
 """Distillation methods, one per file, chosen by ``MethodConfig.kind``.
 
-Interface (as agreed with the trainer; changes are listed here first):
+Interface (what the trainer calls):
 
     plan_phases(cfg) -> list[PhaseSpec]
     make_student(cfg, teacher_unet, phase) -> UNet2DConditionModel   # trainable, initialised from teacher_unet
     build_method(cfg, phase, teacher, teacher_unet, student_unet) -> DistillMethod
     DistillMethod.student; DistillMethod.loss(batch, generator) -> (loss, logs)
 
-Additions beyond the brief (nothing removed or renamed):
+Also part of the interface:
   * every method also exposes ``schedule`` (the NoiseSchedule whose DDIM grid it trains on: the teacher's noise
     levels with ``MethodConfig.timestep_spacing``, default "trailing" -- export should write that spacing into the
     student's scheduler config), ``student_steps`` (steps to sample the student with), ``w_conditioned`` (sample it with
