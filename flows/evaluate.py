@@ -5,7 +5,7 @@ latency), then the report (table in the reference layout, teacher-vs-student gri
 as files in the store and as Prefect artifacts. Run locally::
 
     python -m flows.evaluate                                  # toy teacher, toy prompts
-    prefect deployment run evaluate/gpu -p models='[{"name": "sd15", "ref": "runwayml/stable-diffusion-v1-5"}]'
+    prefect deployment run evaluate/gpu -p models='[{"name": "sd15", "ref": "stable-diffusion-v1-5/stable-diffusion-v1-5"}]'
 """
 
 from __future__ import annotations
