@@ -200,3 +200,30 @@ def test_trajectory_fraction_only_for_cfg_aware_and_progressive():
         MethodConfig(kind="w_conditioned", trajectory_fraction=0.5)
     with pytest.raises(ValidationError, match="less than or equal to 1"):
         MethodConfig(trajectory_fraction=1.5)
+
+
+def test_one_default_whether_or_not_a_run_file_names_a_method():
+    """A `method:` block that leaves trajectory_fraction out gets the same default as no block at all (it used to
+    drop to 0 silently); kinds that do not implement trajectory states default to 0."""
+    from sd_distill.distill.config import DistillParams
+    from sd_distill.distill.methods.config import TRAJECTORY_FRACTION_DEFAULTS
+
+    assert DistillParams().method == MethodConfig()
+    from_file = DistillParams.model_validate({"method": {"kind": "cfg_aware", "teacher_steps": 16, "student_steps": 8}})
+    assert from_file.method.trajectory_fraction == DistillParams().method.trajectory_fraction == 0.5
+    assert TRAJECTORY_FRACTION_DEFAULTS["cfg_aware"] == 0.5
+    for kind, extra in (("w_conditioned", {}), ("progressive", {}), ("bksdm_kd", {"student_arch": "bk-small"})):
+        assert MethodConfig(kind=kind, **extra).trajectory_fraction == 0.0
+    assert MethodConfig(trajectory_fraction=0.0).trajectory_fraction == 0.0  # SnapFusion's data states, explicitly
+    assert MethodConfig().model_dump()["trajectory_fraction"] == 0.5  # stage keys see the number, not "unset"
+
+
+def test_method_kinds_and_student_archs_are_listed_once():
+    from typing import get_args
+
+    from sd_distill.distill.methods.config import METHOD_KINDS, STUDENT_ARCHS
+
+    assert METHOD_KINDS == get_args(MethodConfig.model_fields["kind"].annotation)
+    assert STUDENT_ARCHS == get_args(MethodConfig.model_fields["student_arch"].annotation)
+    with pytest.raises(ValidationError, match="cfg_aware"):
+        MethodConfig(kind="consistency")

@@ -28,7 +28,7 @@ def test_student_n_steps_lands_closer_to_guided_teacher_2n_than_teacher_n(load_t
     teacher = load_tiny_teacher(prediction_type)
     batch = prompt_batch(teacher)
     cfg = MethodConfig(kind=kind, teacher_steps=2 * N, student_steps=N, progressive_start_steps=2 * N,
-                       guidance_min=GUIDANCE, guidance_max=GUIDANCE, w_embed_dim=16)
+                       guidance_min=GUIDANCE, guidance_max=GUIDANCE, w_embed_dim=16, trajectory_fraction=0.0)
     steps, lr = (W_STEPS, W_LR) if kind == "w_conditioned" else (STEPS, LR)
     method = run_phases(cfg, teacher, batch, steps, lr)
     gap = step_gap(teacher, method, batch, GUIDANCE, N)

@@ -104,7 +104,7 @@ def test_sdxl_student_n_steps_lands_closer_to_guided_teacher_2n_than_teacher_n(s
     teacher = sdxl_teachers(prediction_type)
     batch = sdxl_batch(teacher)
     cfg = MethodConfig(kind=kind, teacher_steps=2 * N, student_steps=N, progressive_start_steps=2 * N,
-                       guidance_min=GUIDANCE, guidance_max=GUIDANCE, w_embed_dim=16)
+                       guidance_min=GUIDANCE, guidance_max=GUIDANCE, w_embed_dim=16, trajectory_fraction=0.0)
     steps, lr = (W_STEPS, W_LR) if kind == "w_conditioned" else (STEPS, LR)
     method = run_phases(cfg, teacher, batch, steps, lr)
     gap = step_gap(teacher, method, batch, GUIDANCE, N)  # mean over 11 noise draws
