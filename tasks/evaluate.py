@@ -6,11 +6,12 @@ import csv
 import json
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from sd_distill.evaluate import report as report_lib
 from sd_distill.evaluate import run as lib
+from sd_distill.evaluate.guidance import guidance_outside_training
 from sd_distill.modelref import model_fingerprint
 from sd_distill.toy.sources import make_eval_prompts
 from tasks._artifacts import publish_image, publish_markdown
@@ -43,6 +44,9 @@ def evaluate_model(params, upstream, store_root, suffix):
     eval_params, model = params
 
     def fn(out, inputs, progress):
+        note = guidance_outside_training(model, eval_params.guidance_scale)
+        if note:
+            get_run_logger().warning(note)
         records = lib.model_records(eval_params, [model], out, progress)
         (out / "records.json").write_text(json.dumps(_relative(records, out), indent=1))
         return {"rows": len(records)}

@@ -51,11 +51,38 @@ def test_exported_student_loads_in_a_stock_pipeline_and_samples(tiny_teacher, ti
     assert cfg["sampling"]["timestep_spacing"] == pipe.scheduler.config.timestep_spacing == phase_spacing(tmp_path)
     assert cfg["phases"][0]["phase"]["name"] == phase.name and cfg["params"]["teacher"] == str(tiny_teacher)
     assert cfg["prediction_type"] == "epsilon" and "w = s - 1" in cfg["guidance_convention"]
+    assert cfg["guidance_range"] == [2.0, 14.0]  # the method's guidance_min / guidance_max
+    assert cfg["sampling"]["guidance_scale_example"] == 8.0  # from that range, not a constant
     dpm = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     assert dpm.config.prediction_type == "epsilon"
     assert (tmp_path / "student" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (tmp_path / "student" / "loss_curve.csv").read_text().splitlines()
     assert rows[0].startswith("phase,phase_name,global_step,step,loss") and len(rows) == 3
+
+
+def test_trained_guidance_range_comes_from_the_method_config(tmp_path):
+    from sd_distill.distill.export import example_guidance, student_guidance_range, trained_guidance_range
+    from sd_distill.distill.methods import MethodConfig
+
+    narrow = MethodConfig(guidance_min=3.0, guidance_max=5.0)
+    assert trained_guidance_range(narrow) == (3.0, 5.0) and example_guidance((3.0, 5.0)) == 4.0
+    assert trained_guidance_range(MethodConfig(kind="bksdm_kd", student_arch="bk-small")) is None
+    assert example_guidance(None) is None
+    assert student_guidance_range(tmp_path) is None  # no distill_config.json
+    (tmp_path / "distill_config.json").write_text(json.dumps({"guidance_range": [3.0, 5.0]}))
+    assert student_guidance_range(tmp_path) == (3.0, 5.0)
+
+
+def test_evaluating_a_student_outside_its_trained_guidance_range_is_noted(tmp_path):
+    from sd_distill.evaluate.config import ModelSpec
+    from sd_distill.evaluate.guidance import guidance_outside_training
+
+    (tmp_path / "distill_config.json").write_text(json.dumps({"guidance_range": [2.0, 6.0]}))
+    student = ModelSpec(name="student", ref=str(tmp_path), kind="student")
+    note = guidance_outside_training(student, 7.5)
+    assert "outside the range it was distilled on [2, 6]" in note and note.startswith("student ")
+    assert guidance_outside_training(student, 6.0) is None
+    assert guidance_outside_training(ModelSpec(name="teacher", ref="toy:sd"), 7.5) is None
 
 
 def phase_spacing(tmp_path):

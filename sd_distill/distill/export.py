@@ -81,6 +81,30 @@ def write_loss_plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def trained_guidance_range(method) -> tuple[float, float] | None:
+    """The guidance scales s (diffusers form) the student was trained on: [guidance_min, guidance_max] for the step
+    methods, which sample s from it; None for bksdm_kd, which trains on the unguided output and, like its teacher,
+    takes any guidance at sampling time."""
+    if method.kind == "bksdm_kd":
+        return None
+    return float(method.guidance_min), float(method.guidance_max)
+
+
+def example_guidance(guidance_range: tuple[float, float] | None) -> float | None:
+    """A guidance scale to show with the student: the middle of its trained range (None: the teacher's usual)."""
+    return None if guidance_range is None else round((guidance_range[0] + guidance_range[1]) / 2, 2)
+
+
+def student_guidance_range(folder: str | Path) -> tuple[float, float] | None:
+    """The trained guidance range a student folder's ``distill_config.json`` records (None: no file, a model that
+    is not a distilled student, or one trained without a range)."""
+    path = Path(folder) / "distill_config.json"
+    if not path.exists():
+        return None
+    value = json.loads(path.read_text()).get("guidance_range")
+    return (float(value[0]), float(value[1])) if value else None
+
+
 def export_student(params, phase_dirs: Sequence[str | Path], out_dir: str | Path,
                    progress: Optional[ProgressFn] = None) -> dict:
     """Write the last phase's student as a stock diffusers pipeline folder (see module docstring)."""
@@ -108,6 +132,7 @@ def export_student(params, phase_dirs: Sequence[str | Path], out_dir: str | Path
 
     w_conditioned = student.config.get("time_cond_proj_dim") is not None
     steps = last["phase"]["student_steps"]
+    guidance_range = trained_guidance_range(params.method)
     config = {
         "format": STUDENT_FORMAT,
         "teacher": params.teacher,
@@ -122,7 +147,8 @@ def export_student(params, phase_dirs: Sequence[str | Path], out_dir: str | Path
         "guidance_convention": GUIDANCE_CONVENTION,
         "sampling": {"scheduler": "DDIMScheduler", "timestep_spacing": spacing, "num_inference_steps": steps,
                      "eta": 0.0, "unet_evals_per_step": 1 if w_conditioned else 2,
-                     "guidance_scale_example": 7.5},
+                     "guidance_scale_example": example_guidance(guidance_range)},
+        "guidance_range": list(guidance_range) if guidance_range else None,
     }
     (out_dir / "distill_config.json").write_text(json.dumps(config, indent=1))
     report(progress, 2, 3, "writing loss curve")

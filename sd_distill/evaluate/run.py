@@ -18,6 +18,7 @@ from sd_distill.progress import ProgressFn, report
 
 from .config import EvaluateParams, ModelSpec
 from .generate import LazyImages, generate_images, generation_summary, load_images, load_pipeline
+from .guidance import guidance_outside_training
 from .metrics.fid import feature_statistics, frechet_distance
 from .metrics.features import extract_features
 from .metrics.inception_score import inception_score
@@ -115,6 +116,9 @@ def model_records(params: EvaluateParams, models: list[ModelSpec], out_dir: Path
         pipe = load_pipeline(model.ref, params.device, params.dtype)
         for steps in params.model_steps(model):
             row = {"model": model.name, "kind": model.kind, "steps": steps, "ref": model.ref, "images": {}}
+            note = guidance_outside_training(model, params.guidance_scale)
+            if note:
+                row["guidance_note"] = note
             for prompt_set in sets:
                 folder = generate_images(params, model, steps, prompt_set, out_dir / "images", pipe=pipe)
                 row["images"][prompt_set.name] = str(folder)
