@@ -55,7 +55,7 @@ def test_download_handles_every_kind_of_bad_input_and_loses_nothing(tmp_path):
     write_diffusiondb(tmp_path / "ddb", 2)
     params = CurateParams(
         sources=[
-            SourceSpec(kind="url_list", path=str(tmp_path / "list.csv"), name="web"),
+            SourceSpec(kind="url_list", path=str(tmp_path / "list.csv"), name="web", served=True),
             SourceSpec(kind="coco_json", path=str(coco), images_root=str(tmp_path / "coco" / "train2017"), name="coco"),
             SourceSpec(kind="diffusiondb", path=str(tmp_path / "ddb"), name="ddb"),
         ],
@@ -83,16 +83,17 @@ def test_download_handles_every_kind_of_bad_input_and_loses_nothing(tmp_path):
     g8 = Image.open(io.BytesIO(kept.set_index("caption_original").loc["odd gray.png", "image"]))
     assert 0 < sum(g16.convert("L").getdata()) / 256 < 255
     assert g8.size == g16.size
-    # rejects carry img2dataset's own words
-    assert "404" in rejects.loc["dead link", "reason"]
+    # rejects carry a code in `reason` and img2dataset's own words in `detail`
+    codes = rejects["reason"].to_dict()
+    assert codes["dead link"] == "http_4xx" and "404" in rejects.loc["dead link", "detail"]
     # refused by OpenCV's pixel limit before any pixel is decoded (OPENCV_IO_MAX_IMAGE_PIXELS)
-    assert "CV_IO_MAX_IMAGE_PIXELS" in rejects.loc["a bomb", "reason"]
-    assert "decod" in rejects.loc["half a png", "reason"].lower() or "error" in rejects.loc["half a png", "reason"].lower()
-    assert "decod" in rejects.loc["redirects to a web page", "reason"].lower()
-    assert "timed out" in rejects.loc["too slow", "reason"].lower()
-    assert rejects.loc["same pixels, other url", "reason"] == "duplicate_image"
+    assert codes["a bomb"] == "too_large" and "CV_IO_MAX_IMAGE_PIXELS" in rejects.loc["a bomb", "detail"]
+    assert codes["half a png"] == "not_an_image" and codes["redirects to a web page"] == "not_an_image"
+    assert "decod" in rejects.loc["redirects to a web page", "detail"].lower()
+    assert codes["too slow"] == "timeout" and "timed out" in rejects.loc["too slow", "detail"].lower()
+    assert codes["same pixels, other url"] == "duplicate_image"
     assert rejects.loc["same pixels, other url", "detail"] == kept.set_index("caption_original").loc["good 0", "key"]
-    assert "gone.png" in rejects.loc["coco gone", "reason"] or "No such file" in rejects.loc["coco gone", "reason"]
+    assert codes["coco gone"] == "local_unreadable" and "gone.png" in rejects.loc["coco gone", "detail"]
     assert set(rejects["stage"]) == {"download"}
     assert kept["sha256"].is_unique and counts["per_source"]["ddb"] == {"in": 2, "downloaded": 2, "rejected": 0}
 
@@ -105,7 +106,7 @@ def test_download_resumes_an_interrupted_run_without_refetching_finished_shards(
     (tmp_path / "list.csv").write_text(urls.to_csv(index=False))
     resume = tmp_path / "resume"
     params = CurateParams(
-        sources=[SourceSpec(kind="url_list", path=str(tmp_path / "list.csv"))],
+        sources=[SourceSpec(kind="url_list", path=str(tmp_path / "list.csv"), served=True)],
         download=DownloadParams(image_size=16, shard_size=2, threads=2, resume_dir=str(resume)),
     )
     collect_sources(params, collect_dir)

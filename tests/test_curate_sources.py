@@ -156,7 +156,7 @@ def test_collect_rejects_bad_captions_and_duplicate_urls_and_accounting_closes(t
     assert samples["caption_original"].tolist() == ["ok zero", "ok five", "ok six", "fine"]
     by_reason = rejects.groupby("reason")["key"].count().to_dict()
     assert by_reason == {
-        "caption_empty": 2, "caption_too_long": 1, "caption_not_utf8": 2, "duplicate_url": 2, "url_unsupported_scheme": 1
+        "caption_empty": 2, "caption_too_long": 1, "caption_not_utf8": 2, "duplicate_url": 2, "unsupported_scheme": 1
     }
     dup = rejects[rejects["reason"] == "duplicate_url"]
     assert set(dup["detail"]) <= set(samples["key"])  # points at the kept row, across sources too

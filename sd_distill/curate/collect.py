@@ -3,7 +3,10 @@
 All sources are parsed before anything is written, so a malformed file stops the stage before any
 download starts. Row-level problems do not stop it; they become rejects (stage ``collect``):
 
-- ``url_missing`` / ``url_unsupported_scheme``: no image location, or one img2dataset cannot fetch;
+- ``url_missing``: no image location;
+- ``unsupported_scheme`` / ``url_invalid``: a URL that is not http(s) with a host (``netguard.url_problem``):
+  ``file://``, ``ftp://``, ``data:``..., and ``served://`` from a source not marked ``served``. Local
+  files come only from sources that name a local folder or archive, never from a URL column;
 - ``caption_not_utf8``: the caption's bytes are not valid UTF-8;
 - ``caption_empty``: nothing but whitespace;
 - ``caption_too_long``: more than ``CurateParams.max_caption_chars`` characters. Rejected, not
@@ -26,7 +29,8 @@ import pandas as pd
 
 from sd_distill.curate.config import CurateParams, SourceSpec
 from sd_distill.curate.schema import REJECTS_FILE, SAMPLE_COLUMNS, rejects_frame, write_rejects, write_table
-from sd_distill.curate.sources import URL_SCHEMES, read_source
+from sd_distill.curate.netguard import url_problem
+from sd_distill.curate.sources import read_source
 from sd_distill.progress import ProgressFn, report
 
 SAMPLES_FILE = "samples.parquet"
@@ -55,7 +59,8 @@ def toy_source_specs(spec: SourceSpec, out_dir: Path) -> list[SourceSpec]:
         kind = TOY_FORMATS.get(fmt)
         if kind is None:
             continue  # image folders, zips, the truth table: not sources
-        specs.append(SourceSpec(kind=kind, path=str(path), name=f"{spec.name}:{fmt}", max_rows=spec.max_rows))
+        # served=True: the toy world's URLs point at its own loopback server (served://), explicitly allowed
+        specs.append(SourceSpec(kind=kind, path=str(path), name=f"{spec.name}:{fmt}", max_rows=spec.max_rows, served=True))
     if not specs:
         raise ValueError(f"make_toy_sources wrote no source files it could read: {sorted(paths)}")
     return specs
@@ -153,8 +158,8 @@ def collect_sources(params: CurateParams, out_dir: Path, progress: ProgressFn | 
                 detail[j] = f"{len(rows['caption_original'][j])} > {params.max_caption_chars} characters"
             if not loc:
                 reason[j], detail[j] = "url_missing", None
-            elif isinstance(url, str) and url and not url.startswith(URL_SCHEMES):
-                reason[j], detail[j] = "url_unsupported_scheme", f"supported: {list(URL_SCHEMES)}"
+            elif isinstance(url, str) and url and (problem := url_problem(url, allow_served=spec.served)):
+                reason[j], detail[j] = problem
             if reason[j] is None:
                 if loc in first_key_by_location:
                     reason[j], detail[j] = "duplicate_url", first_key_by_location[loc]

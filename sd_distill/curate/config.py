@@ -44,6 +44,10 @@ class SourceSpec(_Params):
     images_root: Optional[str] = None
     # hpdv2: keep only each prompt's human-preferred image ("preferred") or every ranked image ("all").
     hpdv2_images: Literal["preferred", "all"] = "preferred"
+    # URLs may be served://<path>: files of the collect folder on the project's own loopback server.
+    # Only for sources the project writes itself (the toy world sets it; tests do); a third-party list
+    # with served:// URLs is rejected row by row (unsupported_scheme) unless this is set.
+    served: bool = False
     # toy: number of generated scenes, RNG seed and planted fraction of bad pairs.
     toy_n: int = Field(default=200, ge=1)
     toy_seed: int = 0
@@ -84,9 +88,31 @@ class DownloadParams(_Params):
     max_image_pixels: int = Field(default=8192 * 8192, ge=1)
     # Smaller source images are rejected (img2dataset min_image_size); 0 keeps everything.
     min_image_size: int = Field(default=0, ge=0)
+    # The internal-network guard (sd_distill/curate/netguard.py): hosts of third-party URLs that are or
+    # resolve to loopback, private, link-local, multicast or reserved addresses are rejected
+    # (private_address), redirects included. On: a shared URL list must not reach cloud metadata
+    # endpoints or internal services. Tests serving on 127.0.0.1 turn it off or allow 127.0.0.1/32.
+    block_private_networks: bool = True
+    # Networks exempt from the guard (CIDRs such as "10.1.2.0/24" for an internal image mirror); none by default.
+    allowed_networks: list[str] = Field(default_factory=list)
+    # Largest response body read, in bytes (too_large beyond): img2dataset reads whole bodies into memory,
+    # so an endless body would fill it. 64 MiB is far above any real photo.
+    max_image_bytes: int = Field(default=64 * 2**20, ge=1)
     # A persistent folder for img2dataset's raw shards so a retried stage resumes where it stopped
     # (the stage's own folder is temporary until it completes); None = inside the stage folder.
     resume_dir: Optional[str] = None
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, nets: list[str]) -> list[str]:
+        import ipaddress
+
+        for n in nets:
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError as e:
+                raise ValueError(f"allowed_networks: {n!r} is not a network like '10.0.0.0/8' or '127.0.0.1/32' ({e})") from None
+        return nets
 
     @model_validator(mode="after")
     def _check_quality(self) -> "DownloadParams":

@@ -7,14 +7,18 @@ staged to a local folder first. ``served://<path>`` URLs (the toy world) are ser
 step's folder by ``sd_distill.toy.server.serve_folder`` on 127.0.0.1 for the duration of the download.
 
 img2dataset spawns worker processes, so it runs in a child interpreter
-(``python -m sd_distill.curate.download <args.json>``): callers in notebooks, scripts without an
-``if __name__ == "__main__"`` guard, or Prefect workers are never re-imported by ``spawn``.
+(``python -m sd_distill.curate.img2dataset_child <args.json>``): callers in notebooks, scripts without an
+``if __name__ == "__main__"`` guard, or Prefect workers are never re-imported by ``spawn``. Its workers
+fetch through the network guard (``netguard.py``): http(s) only, and with
+``DownloadParams.block_private_networks`` no loopback / private / link-local / reserved address, checked
+on every connection including redirects; the toy server's own endpoint is the one exemption. IP literals
+and ``localhost`` are refused here, before img2dataset starts.
 
 After img2dataset, each image is checked with PIL and converted to 8-bit RGB when it is not already
 (grayscale, 16-bit, palette; CMYK, alpha and animation are flattened by img2dataset's OpenCV decode),
 then de-duplicated by the sha256 of the stored bytes. Every input row ends up in exactly one of the two
-outputs; rejects carry img2dataset's error text (``HTTP Error 404: ...``, ``Image decoding error``,
-``image area too large``...) as the reason.
+outputs; rejects carry a ``reasons.REASONS`` code (``http_4xx``, ``timeout``, ``not_an_image``,
+``too_large``...) and img2dataset's own error text in ``detail``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from PIL import Image
 
 from sd_distill.curate.collect import SAMPLES_FILE
 from sd_distill.curate.config import CurateParams, DownloadParams
+from sd_distill.curate.netguard import Guard, precheck, url_problem
 from sd_distill.curate.partitions import partition_bounds
+from sd_distill.curate.reasons import classify_download_error
 from sd_distill.curate.schema import (
     DOWNLOADED_SCHEMA,
     IMAGE_COLUMNS,
@@ -85,10 +91,14 @@ def img2dataset_kwargs(dl: DownloadParams, url_list: Path, output_folder: Path) 
     )
 
 
-def _child_main(args_file: str) -> None:
-    import img2dataset
-
-    img2dataset.download(**json.loads(Path(args_file).read_text()))
+def guard_of(dl: DownloadParams, served_base: str | None = None) -> Guard:
+    """The network guard for ``dl``; the toy server's own endpoint (``served_base``) is exempt."""
+    endpoints = ()
+    if served_base:
+        host_port = served_base.split("://", 1)[1]
+        endpoints = (host_port,)
+    return Guard(block_private=dl.block_private_networks, allowed_networks=tuple(dl.allowed_networks),
+                 allowed_endpoints=endpoints, max_bytes=dl.max_image_bytes)
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -113,8 +123,10 @@ def _stage_local(key: str, path: str, staging: Path) -> str:
     return "file://" + str(target.resolve())
 
 
-def _fetch_urls(samples: pd.DataFrame, sources_dir: Path, staging: Path, served_base: str | None) -> tuple[list[str | None], list[str | None]]:
-    """(fetch URL, error) per sample: served:// rewritten to the loopback server, local files staged."""
+def _fetch_urls(samples: pd.DataFrame, sources_dir: Path, staging: Path, served_base: str | None,
+                guard: Guard) -> tuple[list[str | None], list[tuple[str, str] | None]]:
+    """(fetch URL, (reason, detail) or None) per sample: served:// rewritten to the loopback server, local
+    files staged, remote URLs checked again (http(s) only; IP literals and localhost by the guard)."""
     urls, errors = [], []
     for key, url, local in zip(samples["key"], samples["url"], samples["local_path"]):
         try:
@@ -123,23 +135,30 @@ def _fetch_urls(samples: pd.DataFrame, sources_dir: Path, staging: Path, served_
             elif url.startswith(SERVED):
                 urls.append(f"{served_base}/{url[len(SERVED):]}")
             else:
+                problem = url_problem(url) or precheck(url, guard)
+                if problem:
+                    urls.append(None)
+                    errors.append(problem)
+                    continue
                 urls.append(url)
             errors.append(None)
         except Exception as e:  # a missing zip, an unreadable member: one row's problem
             urls.append(None)
-            errors.append(f"local image unreadable: {type(e).__name__}: {e}")
+            errors.append(("local_unreadable", f"{type(e).__name__}: {e}"))
     return urls, errors
 
 
-def _run_img2dataset(dl: DownloadParams, url_list: Path, output: Path, n: int, progress: ProgressFn | None) -> None:
+def _run_img2dataset(dl: DownloadParams, url_list: Path, output: Path, n: int, progress: ProgressFn | None, guard: Guard) -> None:
     args_file = output.parent / "img2dataset_args.json"
-    args_file.write_text(json.dumps(img2dataset_kwargs(dl, url_list, output)))
+    guard_fields = {"block_private": guard.block_private, "allowed_networks": list(guard.allowed_networks),
+                    "allowed_endpoints": list(guard.allowed_endpoints), "max_bytes": guard.max_bytes}
+    args_file.write_text(json.dumps({**img2dataset_kwargs(dl, url_list, output), "_guard": guard_fields}))
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OPENCV_IO_MAX_IMAGE_PIXELS=str(dl.max_image_pixels))
     log = output.parent / "img2dataset.log"
     n_shards = max(1, math.ceil(n / dl.shard_size))
     with open(log, "ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sd_distill.curate.download", str(args_file)], stdout=logf, stderr=subprocess.STDOUT, env=env
+            [sys.executable, "-m", "sd_distill.curate.img2dataset_child", str(args_file)], stdout=logf, stderr=subprocess.STDOUT, env=env
         )
         last = -1
         while proc.poll() is None:
@@ -221,15 +240,17 @@ def download_images(
     with ExitStack() as stack:
         served = samples["url"].fillna("").str.startswith(SERVED).any()
         base = stack.enter_context(serve_folder(sources_dir)) if served else None
-        fetch, errors = _fetch_urls(samples, sources_dir, staging, base)
+        guard = guard_of(dl, base)
+        fetch, errors = _fetch_urls(samples, sources_dir, staging, base, guard)
         unreadable = np.array([e is not None for e in errors], dtype=bool)
         if unreadable.any():
-            rejects.append(rejects_frame(samples.loc[unreadable], "download", [e for e in errors if e]))
+            bad = [e for e in errors if e]
+            rejects.append(rejects_frame(samples.loc[unreadable], "download", [r for r, _ in bad], [d for _, d in bad]))
         todo = pd.DataFrame({"fetch_url": fetch, "curate_key": samples["key"].tolist()}).loc[~unreadable]
         if len(todo):
             url_list = work / "input.parquet"
             todo.to_parquet(url_list, index=False)
-            _run_img2dataset(dl, url_list, output, len(todo), progress)
+            _run_img2dataset(dl, url_list, output, len(todo), progress, guard)
     # one img2dataset shard at a time (memory: one shard's images), in sample order
     todo_samples = samples.loc[~unreadable].assign(_order=np.arange(int((~unreadable).sum())))
     first_by_hash: dict[str, str] = {}
@@ -248,7 +269,7 @@ def download_images(
     # rows img2dataset never reported (a shard that crashed twice): rejected, not lost
     missing = todo_samples[~todo_samples["key"].isin(seen)]
     if len(missing):
-        rejects.append(rejects_frame(missing, "download", "img2dataset returned no result (shard failed)"))
+        rejects.append(rejects_frame(missing, "download", "no_result", "img2dataset returned no result (shard failed)"))
     n_kept = writer.rows
     n_rejected = write_rejects(rejects, out_dir / REJECTS_FILE)
     if not persistent:
@@ -270,8 +291,9 @@ def _shard_images(merged: pd.DataFrame, dl: DownloadParams, first_by_hash: dict[
     ok = (merged["status"] == "success") & merged[dl.encode_format].notna()
     failed = merged[~ok]
     if len(failed):
-        reason = [str(e).strip() if isinstance(e, str) and e.strip() else f"img2dataset status {st}" for e, st in zip(failed["error_message"], failed["status"])]
-        rejects.append(rejects_frame(failed, "download", reason))
+        detail = [str(e).strip() if isinstance(e, str) and e.strip() else f"img2dataset status {st}" for e, st in zip(failed["error_message"], failed["status"])]
+        reason = [classify_download_error(d, st) for d, st in zip(detail, failed["status"])]
+        rejects.append(rejects_frame(failed, "download", reason, detail))
     kept_rows, bad_rows, bad_reasons, dup_rows, dup_of = [], [], [], [], []
     for row in merged[ok].itertuples(index=False):
         try:
@@ -291,7 +313,7 @@ def _shard_images(merged: pd.DataFrame, dl: DownloadParams, first_by_hash: dict[
         )
         kept_rows.append({**{c: getattr(row, c) for c in SAMPLE_COLUMNS}, "extra": extra, "image": data, "width": w, "height": h, "sha256": digest})
     if bad_rows:
-        rejects.append(rejects_frame(pd.DataFrame(bad_rows), "download", bad_reasons))
+        rejects.append(rejects_frame(pd.DataFrame(bad_rows), "download", "not_an_image", bad_reasons))
     if dup_rows:
         rejects.append(rejects_frame(pd.DataFrame(dup_rows), "download", "duplicate_image", dup_of))
     return pd.DataFrame(kept_rows, columns=SAMPLE_COLUMNS + IMAGE_COLUMNS), rejects
@@ -315,6 +337,3 @@ def _counts(samples: pd.DataFrame, kept_per_source: dict[str, int], rejects: pd.
         "per_source": per_source,
     }
 
-
-if __name__ == "__main__":
-    _child_main(sys.argv[1])

@@ -9,7 +9,8 @@ Every step's table is a Parquet file in its stage folder:
 - ``decisions.parquet`` (filter): ``DECISIONS_SCHEMA``, the global keep rule's verdict per scored row;
 - ``scored.parquet`` (filter): the kept rows, ``SAMPLE_COLUMNS`` + image columns + hps_score, hps_version;
 - ``captioned.parquet`` (recaption): + caption, caption_source, caption_reason;
-- ``rejects.parquet`` (every step): ``REJECT_COLUMNS``, one row per input row the step dropped.
+- ``rejects.parquet`` (every step): ``REJECT_COLUMNS``, one row per input row the step dropped; ``reason``
+  is a code of ``reasons.REASONS``, ``detail`` the specifics.
 
 The final shards' schema, ``CURATED_COLUMNS``, lives in ``shards.py`` with its checked reader.
 """
@@ -23,6 +24,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from sd_distill.curate.reasons import check_reasons
 
 _STR = pa.string()
 SAMPLE_SCHEMA = pa.schema(
@@ -53,8 +56,8 @@ REJECT_SCHEMA = pa.schema(
         ("url", pa.string()),
         ("caption_original", pa.string()),
         ("stage", pa.string()),  # collect | download | filter | recaption
-        ("reason", pa.string()),  # a short code, or img2dataset's error text for download failures
-        ("detail", pa.string()),  # what the reason refers to (the kept duplicate's key, the threshold...)
+        ("reason", pa.string()),  # a code from sd_distill.curate.reasons.REASONS (checked on write and read)
+        ("detail", pa.string()),  # the specifics: the library's raw error text, the kept duplicate's key, the threshold...
         ("hps_score", pa.float32()),  # the score for filter rejects, null otherwise
     ]
 )
@@ -95,16 +98,26 @@ def write_rejects(rejects: list[pd.DataFrame] | pd.DataFrame, path: Path) -> int
     """Write reject records with the fixed schema; returns the row count."""
     frames = [rejects] if isinstance(rejects, pd.DataFrame) else list(rejects)
     df = pd.concat([f for f in frames if len(f)] or [empty_rejects()], ignore_index=True)
+    check_reasons(df["reason"])
     table = pa.Table.from_pandas(df[REJECT_COLUMNS], schema=REJECT_SCHEMA, preserve_index=False)
     pq.write_table(table, path)
     return len(df)
 
 
 def read_rejects(folder: Path) -> pd.DataFrame:
+    """A step's rejects; raises ValueError naming the file when a column or a reason code is not the schema's."""
     path = Path(folder) / REJECTS_FILE
     if not path.exists():
         return empty_rejects()
-    return pq.read_table(path).to_pandas()
+    df = pq.read_table(path).to_pandas()
+    missing = [c for c in REJECT_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing} (found {list(df.columns)})")
+    try:
+        check_reasons(df["reason"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return df
 
 
 def write_table(df: pd.DataFrame, path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Every adapter returns a DataFrame with exactly ``SOURCE_COLUMNS``:
 
-- ``url``: the image URL (http/https, or ``served://`` for the loopback toy server), or None;
+- ``url``: the image URL as the file gives it, or None (``collect`` accepts only http/https, and
+  ``served://`` for sources marked ``served``: ``netguard.url_problem``);
 - ``local_path``: the image as a local path or fsspec URL (``zip://<member>::<archive>``), or None;
 - ``caption_raw``: the caption as found (str, bytes or None: validated later by ``collect``);
 - ``extra``: the row's other fields as a JSON object string.
@@ -37,7 +38,6 @@ import pyarrow.parquet as pq
 from sd_distill.curate.config import SourceSpec
 
 SOURCE_COLUMNS = ["url", "local_path", "caption_raw", "extra"]
-URL_SCHEMES = ("http://", "https://", "served://", "file://")
 
 
 class SourceFormatError(ValueError):
