@@ -32,6 +32,7 @@ from sd_distill.store import Manifest
 from sd_distill.summary import run_summary
 from tasks._artifacts import publish_markdown
 from tasks.evaluate import toy_world_measures
+from tasks.preflight import preflight
 
 
 class StageDeployments(BaseModel):
@@ -81,6 +82,9 @@ def curate_and_distill(
 ) -> str:
     """curate -> distill -> evaluate; ``evaluate=None`` evaluates on ``toy_eval_prompts`` held-out toy prompts."""
     root = resolve_store_root(store_root)
+    # every model and file the inline stages need, checked before any of them runs
+    preflight(None if stage_deployments.curate else curate, None if stage_deployments.distill else distill,
+              None if stage_deployments.evaluate else evaluate)
     shards = run_stage(curate_flow, stage_deployments.curate, False, params=curate, store_root=root)
     student = run_stage(distill_flow, stage_deployments.distill, True, params=distill, curated=shards.uri, store_root=root)
     s = distill.method.student_steps
