@@ -40,16 +40,9 @@ from sd_distill.distill.methods import MethodConfig, build_method, make_student,
 from sd_distill.distill.teacher import Teacher  # noqa: E402
 from sd_distill.distill.trainer import use_sdpa  # noqa: E402
 from sd_distill.tiny.sd import ddim_scheduler, tiny_unet  # noqa: E402
+from sd_distill.tiny.sd15 import SD15_UNET  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "4090": 165.2}
-
-SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
-
 
 def peak_tflops(name: str, override: float | None) -> float | None:
     if override:
