@@ -111,7 +111,7 @@ def _pipeline_folders(tmp_path):
     samples.to_parquet(collect / SAMPLES_FILE)
     write_rejects(rejects_frame(pd.DataFrame({"key": ["k9"], "source": ["T"], "url": ["u"], "caption_original": [""]}), "collect", "caption_empty"), collect / "rejects.parquet")
     dl = write_downloaded(tmp_path / "d", [(k, s, 50 * i, c) for i, (k, s, c) in enumerate(zip(samples["key"], samples["source"], samples["caption_original"])) if k != "k4"])
-    write_rejects(rejects_frame(samples[samples["key"] == "k4"], "download", "HTTP Error 404: File not found"), dl / "rejects.parquet")
+    write_rejects(rejects_frame(samples[samples["key"] == "k4"], "download", "http_4xx", "HTTP Error 404: File not found"), dl / "rejects.parquet")
     params = CurateParams(filter=FilterParams(threshold=0.1, top_fraction=None), caption=CaptionParams(enabled=False), shard_rows=2)
     score_and_filter(params, dl, tmp_path / "f", scorer=BrightnessScorer())
     recaption(params, tmp_path / "f", tmp_path / "r")
@@ -123,7 +123,7 @@ def test_write_shards_closes_accounting_per_source_and_splits_parts(tmp_path):
     counts = write_shards(params, rec, upstream, tmp_path / "s")
     assert counts["per_source"]["S"] == {"in": 3, "kept": 2, "rejected": 1, "rejected_by_reason": {"filter/hps_below_threshold": 1}}
     assert counts["per_source"]["T"]["in"] == 3 and counts["per_source"]["T"]["rejected_by_reason"] == {
-        "collect/caption_empty": 1, "download/HTTP Error 404: File not found": 1}
+        "collect/caption_empty": 1, "download/http_4xx": 1}
     assert counts["in"] == 6 == counts["kept"] + counts["rejected"]
     parts = sorted((tmp_path / "s").glob("part-*.parquet"))
     assert [p.name for p in parts] == ["part-00000.parquet", "part-00001.parquet"] and counts["shards"] == 2
@@ -137,7 +137,7 @@ def test_write_shards_closes_accounting_per_source_and_splits_parts(tmp_path):
     assert row["all"]["in"] == 6 and sum(summary["scores"]["all_scored"]["histogram"]["counts"]) == 4
     assert summary["scores"]["kept"]["quantiles"]["n"] == 3
     assert "| T | 3 | 1 | 1 | 1 | 2 | 1 | 1 | 0 | 0 |" in summary["markdown"]
-    assert "| T | download | HTTP Error 404: File not found | 1 |" in summary["markdown"]
+    assert "| T | download | http_4xx | 1 |" in summary["markdown"]
     json.dumps(summary)  # plain data for the Prefect artifact
 
 
