@@ -7,6 +7,8 @@ server) as the one allowed network: everything else on loopback, private or link
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -16,7 +18,7 @@ from sd_distill.curate.config import CurateParams, DownloadParams, SourceSpec
 from sd_distill.curate.download import DOWNLOADED_FILE, download_images
 from sd_distill.curate.reasons import REASONS, classify_download_error
 from sd_distill.curate.schema import read_rejects, rejects_frame, write_rejects
-from tests._fixtures_curate import color_image, png_bytes
+from tests._fixtures_curate import color_image, png_bytes, write_coco_json, write_hpdv2, write_image_folder
 from tests._fixtures_hostile import KINDS, hostile_server
 
 GUARD = netguard.Guard(allowed_networks=("127.0.0.1/32",), max_bytes=1_000_000)
@@ -153,6 +155,25 @@ def test_a_file_url_to_a_local_png_is_rejected_at_collect_and_never_fetched(tmp_
     samples.to_parquet(tmp_path / "collect" / SAMPLES_FILE, index=False)
     assert download_images(params, tmp_path / "collect", tmp_path / "dl")["reasons"] == {"unsupported_scheme": 1}
     assert not list((tmp_path / "dl").rglob("input.parquet")), "img2dataset was started"
+
+
+def test_file_names_that_leave_the_image_folder_are_rejected_at_collect(tmp_path):
+    (tmp_path / "secret.png").write_bytes(png_bytes(color_image(1)))
+    names = write_image_folder(tmp_path / "coco" / "train2017", 1) + ["../../secret.png", "/etc/passwd", "a/../../x.png"]
+    coco = write_coco_json(tmp_path / "coco" / "captions.json", names, [["ok"], ["up"], ["abs"], ["mid"]], None)
+    hpd = write_hpdv2(tmp_path / "hpd", 2, split="test")
+    data = json.loads(hpd.read_text())
+    data[1]["image_path"] = ["../../secret.png", "../../secret.png"]
+    hpd.write_text(json.dumps(data))
+    params = CurateParams(sources=[
+        SourceSpec(kind="coco_json", path=str(coco), images_root=str(tmp_path / "coco" / "train2017"), name="coco"),
+        SourceSpec(kind="hpdv2", path=str(hpd), name="hpd"),
+    ])
+    counts = collect_sources(params, tmp_path / "collect")
+    rejects = read_rejects(tmp_path / "collect")
+    assert sorted(rejects["caption_original"]) == ["abs", "hpd prompt 1", "mid", "up"]
+    assert set(rejects["reason"]) == {"path_outside_root"} and rejects["detail"].str.contains("leaves the image folder").all()
+    assert counts["in"] == counts["samples"] + counts["rejected"] == 6
 
 
 BAD_ROWS = {  # caption -> (url template, expected (stage, reason)); {base} is the hostile server

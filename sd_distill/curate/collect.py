@@ -4,6 +4,8 @@ All sources are parsed before anything is written, so a malformed file stops the
 download starts. Row-level problems do not stop it; they become rejects (stage ``collect``):
 
 - ``url_missing``: no image location;
+- ``path_outside_root``: a file name from the source file (COCO ``file_name``, HPDv2 paths, DiffusionDB
+  ``image_name`` in an extracted folder) that is absolute or climbs out of the image folder with ``..``;
 - ``unsupported_scheme`` / ``url_invalid``: a URL that is not http(s) with a host (``netguard.url_problem``):
   ``file://``, ``ftp://``, ``data:``..., and ``served://`` from a source not marked ``served``. Local
   files come only from sources that name a local folder or archive, never from a URL column;
@@ -152,7 +154,10 @@ def collect_sources(params: CurateParams, out_dir: Path, progress: ProgressFn | 
         )
         reason = list(reasons)
         detail: list[str | None] = [None] * len(rows)
-        for j, (loc, url, local) in enumerate(zip(locators, rows["url"], rows["local_path"])):
+        for j, (loc, url, local, problem) in enumerate(zip(locators, rows["url"], rows["local_path"], df["problem"])):
+            if isinstance(problem, str) and problem:  # the adapter refused the row's file name
+                reason[j], detail[j] = "path_outside_root", problem
+                continue
             if reason[j] is None and len(rows["caption_original"][j]) > params.max_caption_chars:
                 reason[j] = "caption_too_long"
                 detail[j] = f"{len(rows['caption_original'][j])} > {params.max_caption_chars} characters"

@@ -6,7 +6,9 @@ Every adapter returns a DataFrame with exactly ``SOURCE_COLUMNS``:
   ``served://`` for sources marked ``served``: ``netguard.url_problem``);
 - ``local_path``: the image as a local path or fsspec URL (``zip://<member>::<archive>``), or None;
 - ``caption_raw``: the caption as found (str, bytes or None: validated later by ``collect``);
-- ``extra``: the row's other fields as a JSON object string.
+- ``extra``: the row's other fields as a JSON object string;
+- ``problem``: why the row names no image it may read, or None: a file name from the source file that is
+  absolute or climbs out of a local ``images_root`` with ``..`` (``collect`` rejects it, ``path_outside_root``).
 
 Formats (field names as the datasets publish them):
 
@@ -37,7 +39,7 @@ import pyarrow.parquet as pq
 
 from sd_distill.curate.config import SourceSpec
 
-SOURCE_COLUMNS = ["url", "local_path", "caption_raw", "extra"]
+SOURCE_COLUMNS = ["url", "local_path", "caption_raw", "extra", "problem"]
 
 
 class SourceFormatError(ValueError):
@@ -131,7 +133,7 @@ def _extras(df: pd.DataFrame, skip: list[str]) -> list[str]:
     return [json.dumps({str(k): _jsonable(v) for k, v in r.items()}, default=str, ensure_ascii=False) for r in records]
 
 
-def _table(url, local_path, caption_raw, extra) -> pd.DataFrame:
+def _table(url, local_path, caption_raw, extra, problem=None) -> pd.DataFrame:
     n = len(caption_raw)
     return pd.DataFrame(
         {
@@ -139,6 +141,7 @@ def _table(url, local_path, caption_raw, extra) -> pd.DataFrame:
             "local_path": list(local_path) if local_path is not None else [None] * n,
             "caption_raw": list(caption_raw),
             "extra": list(extra),
+            "problem": list(problem) if problem is not None else [None] * n,
         },
         columns=SOURCE_COLUMNS,
     )
@@ -148,11 +151,20 @@ def _is_url_base(root: str) -> bool:
     return root.startswith(("http://", "https://", "served://"))
 
 
-def _locate(root: str, relpath: str) -> tuple[str | None, str | None]:
-    """(url, local_path) of an image stored at ``root/relpath``."""
+def _outside(relpath: str) -> str | None:
+    """Why ``relpath`` (a file name from a source file) would leave its folder, or None."""
+    rel = str(relpath).replace("\\", "/")
+    if rel.startswith("/") or "://" in rel or (len(rel) > 1 and rel[1] == ":") or ".." in rel.split("/"):
+        return f"{str(relpath)[:120]!r} is absolute or leaves the image folder"
+    return None
+
+
+def _locate(root: str, relpath: str) -> tuple[str | None, str | None, str | None]:
+    """(url, local_path, problem) of an image stored at ``root/relpath``; a local path must stay inside root."""
     if _is_url_base(root):
-        return root.rstrip("/") + "/" + relpath.lstrip("/"), None
-    return None, _join(root, relpath)
+        return root.rstrip("/") + "/" + relpath.lstrip("/"), None, None
+    problem = _outside(relpath)
+    return None, (None if problem else _join(root, relpath)), problem
 
 
 # -- adapters -------------------------------------------------------------------------------------
@@ -204,14 +216,14 @@ def read_coco_json(spec: SourceSpec) -> pd.DataFrame:
         if spec.images_root:
             if "file_name" not in im:
                 raise SourceFormatError(path, f"images_root is set but image {im['id']} has no 'file_name'")
-            url, local = _locate(spec.images_root, im["file_name"])
+            url, local, problem = _locate(spec.images_root, str(im["file_name"]))
         elif im.get("coco_url"):
-            url, local = im["coco_url"], None
+            url, local, problem = im["coco_url"], None, None
         else:
             raise SourceFormatError(path, f"image {im['id']} has no 'coco_url'; set SourceSpec.images_root")
         extra = {k: v for k, v in im.items() if k != "coco_url"}
         extra["annotation_id"] = ann.get("id")
-        rows.append((url, local, ann["caption"], json.dumps(extra, default=str, ensure_ascii=False)))
+        rows.append((url, local, ann["caption"], json.dumps(extra, default=str, ensure_ascii=False), problem))
     return _table(*zip(*rows)) if rows else _table([], [], [], [])
 
 
@@ -221,20 +233,23 @@ def read_diffusiondb(spec: SourceSpec) -> pd.DataFrame:
     df = _read_parquet(path)
     _require(path, df.columns, ["image_name", "prompt", "part_id"], "DiffusionDB metadata")
     root = spec.images_root or _parent(path)
-    urls, locals_ = [], []
+    urls, locals_, problems = [], [], []
     part_cache: dict[int, str] = {}
     for name, part in zip(df["image_name"], df["part_id"]):
         part_name = f"part-{int(part):06d}"
         if _is_url_base(root):
             urls.append(f"{root.rstrip('/')}/{part_name}/{name}")
             locals_.append(None)
+            problems.append(None)
             continue
         if part not in part_cache:
             part_cache[part] = _part_location(root, part_name)
         loc = part_cache[part]
+        problem = None if loc.endswith(".zip") else _outside(str(name))  # zip members cannot leave their zip
         urls.append(None)
-        locals_.append(f"zip://{name}::{loc}" if loc.endswith(".zip") else _join(loc, str(name)))
-    return _table(urls, locals_, df["prompt"], _extras(df, ["prompt"]))
+        problems.append(problem)
+        locals_.append(None if problem else f"zip://{name}::{loc}" if loc.endswith(".zip") else _join(loc, str(name)))
+    return _table(urls, locals_, df["prompt"], _extras(df, ["prompt"]), problems)
 
 
 def _part_location(root: str, part_name: str) -> str:
@@ -274,12 +289,12 @@ def read_hpdv2(spec: SourceSpec) -> pd.DataFrame:
         for j, f in enumerate(files):
             if spec.hpdv2_images == "preferred" and not preferred[j]:
                 continue
-            url, local = _locate(root, str(f))
+            url, local, problem = _locate(root, str(f))
             extra = {"split": split, "entry": i, "index": j, "file": f, "preferred": None if preferred is None else preferred[j]}
             for k in ("human_preference", "rank", "user_hash"):
                 if isinstance(entry.get(k), list) and len(entry[k]) == len(files):
                     extra[k] = entry[k][j]
-            rows.append((url, local, entry["prompt"], json.dumps(extra, default=str, ensure_ascii=False)))
+            rows.append((url, local, entry["prompt"], json.dumps(extra, default=str, ensure_ascii=False), problem))
     return _table(*zip(*rows)) if rows else _table([], [], [], [])
 
 
