@@ -1,4 +1,4 @@
-"""Generation: DPM-Solver++, per-prompt seeds, UNet evaluation counts, resuming an interrupted run."""
+"""Generation: DPM-Solver++ and DDIM on the trained grid, per-prompt seeds, UNet evaluation counts, resuming an interrupted run."""
 
 import json
 
@@ -102,3 +102,46 @@ def test_generated_images_are_decoded_lazily_and_missing_ones_named(tmp_path):
     assert [im.mode for im in batch] == ["RGB", "RGB"] and batch[1].getpixel((0, 0)) == (100, 100, 100)
     with pytest.raises(FileNotFoundError, match="1 generated images missing"):
         load_images(tmp_path, 4)
+
+
+def test_ddim_sampler_steps_on_the_grid_the_student_was_distilled_on(tmp_path, tiny_student, tiny_teacher):
+    import shutil
+
+    from sd_distill.diffusion.schedule import NoiseSchedule
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny_student, student)
+    (student / "distill_config.json").write_text(json.dumps({"sampling": {"scheduler": "DDIMScheduler",
+                                                                          "timestep_spacing": "trailing"}}))
+    pipe = load_pipeline(str(student), device="cpu", sampler="ddim")
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.timestep_spacing == "trailing"
+    pipe.scheduler.set_timesteps(8)
+    trained = NoiseSchedule.from_scheduler(pipe.scheduler).with_spacing("trailing").timesteps(8)  # distill's grid
+    assert pipe.scheduler.timesteps.tolist() == trained.tolist() == [999, 874, 749, 624, 499, 374, 249, 124]
+    # a model without distill_config.json keeps its scheduler config's spacing
+    teacher = load_pipeline(str(tiny_teacher), device="cpu", sampler="ddim")
+    assert teacher.scheduler.config.timestep_spacing == load_pipeline(str(tiny_teacher)).scheduler.config.timestep_spacing
+    with pytest.raises(ValueError, match="valid"):
+        load_pipeline(str(tiny_teacher), device="cpu", sampler="euler")
+
+    # DDIM images get their own folder and fingerprint; the same seeds, other images than DPM-Solver++'s
+    params = _params()
+    ddim = generate_images(params, ModelSpec(name="s", ref=str(student), sampler="ddim"), 4, PROMPTS, tmp_path / "im")
+    dpm = generate_images(params, ModelSpec(name="s", ref=str(student)), 4, PROMPTS, tmp_path / "im")
+    assert ddim.parent.name == "ddim-steps-4" and dpm.parent.name == "steps-4"
+    assert json.loads((ddim / "generation.json").read_text())["fingerprint"]["sampler"] == "ddim"
+    assert np.abs(_pixels(ddim, 0) - _pixels(dpm, 0)).max() > 0
+
+
+def test_folders_from_before_samplers_were_recorded_resume_as_dpm_solver_pp(tmp_path, tiny_teacher):
+    from sd_distill.evaluate.generate import _check_fingerprint, generation_fingerprint
+
+    params, model = _params(), ModelSpec(name="teacher", ref=str(tiny_teacher))
+    folder = generate_images(params, model, 2, PROMPTS, tmp_path, max_batches=1)
+    meta = json.loads((folder / "generation.json").read_text())
+    del meta["fingerprint"]["sampler"]  # as written before the sampler was part of the fingerprint
+    (folder / "generation.json").write_text(json.dumps(meta))
+    assert generation_summary(generate_images(params, model, 2, PROMPTS, tmp_path))["images"] == 5
+    ddim = ModelSpec(name="teacher", ref=str(tiny_teacher), sampler="ddim")
+    with pytest.raises(ValueError, match="sampler"):
+        _check_fingerprint(folder, generation_fingerprint(params, ddim, 2, PROMPTS))

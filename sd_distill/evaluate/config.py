@@ -33,6 +33,10 @@ class ModelSpec(_Params):
     steps: Optional[list[int]] = None
     # "teacher" rows are the baseline; "student" rows are distilled models (grids put them last).
     kind: Literal["teacher", "student"] = "teacher"
+    # "dpmsolver++": DPM-Solver++ (2nd order) on the model's scheduler config, the reference protocol; "ddim":
+    # deterministic DDIM on the grid the model was trained on (a student's distill_config.json timestep_spacing,
+    # else its scheduler config's), the first-order steps a step-distilled student learned. Rows name it.
+    sampler: Literal["dpmsolver++", "ddim"] = "dpmsolver++"
 
     @field_validator("steps")
     @classmethod
@@ -91,6 +95,16 @@ class EvaluateParams(_Params):
     grid_prompts: int = Field(default=4, ge=1)
     # Images timed one at a time (batch size 1) for the latency column, after one warm-up image.
     latency_images: int = Field(default=3, ge=1)
+    # Bootstrap resamples of the prompts for every interval (stats.py); 1000 makes the 2.5% / 97.5% percentiles
+    # stable to about a tenth of the interval's width.
+    bootstrap_samples: int = Field(default=1000, ge=10)
+    # FID resamples: each costs a D x D covariance and eigendecomposition (about 1.5 s at Inception's D = 2048 on
+    # a CPU, 1 ms at the toy classifier's 128); None = bootstrap_samples. The first rows of the same draw.
+    fid_bootstrap_samples: Optional[int] = Field(default=200, ge=10)
+    # Seed of the resampled prompt indices (the same for every model, so differences are paired).
+    bootstrap_seed: int = 0
+    # Coverage of every interval and of the better / worse / within-noise verdicts.
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
 
     @field_validator("steps")
     @classmethod
@@ -117,6 +131,10 @@ class EvaluateParams(_Params):
         """The step counts this model is sampled with."""
         return list(model.steps) if model.steps else list(self.steps)
 
+    def fid_samples(self) -> int:
+        """How many of the bootstrap resamples FID is recomputed on."""
+        return min(self.fid_bootstrap_samples or self.bootstrap_samples, self.bootstrap_samples)
+
 
 def toy_evaluate_params(prompts_dir: str, **overrides) -> EvaluateParams:
     """The embedded toy-world variant: 32 px, toy feature extractor / scorer, prompts from make_eval_prompts.
@@ -138,6 +156,7 @@ def toy_evaluate_params(prompts_dir: str, **overrides) -> EvaluateParams:
         hps_versions=["v2.1"],
         clip_model="toy:hps",
         max_coco_prompts=500,
+        fid_bootstrap_samples=None,  # 128-d toy features: all 1000 FID resamples take about a second
     )
     values.update(overrides)
     return EvaluateParams(**values)

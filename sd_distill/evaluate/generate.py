@@ -1,4 +1,4 @@
-"""Image generation for evaluation: DPM-Solver++ at a given step count, resumable, sharded.
+"""Image generation for evaluation: DPM-Solver++ (or DDIM on a student's trained grid) at a step count, resumable, sharded.
 
 Every prompt i of a prompt set is sampled with its own ``torch.Generator().manual_seed(seed + i)``
 (on the CPU, so the initial noise is the same on every device and in every batch), hence every model
@@ -11,6 +11,9 @@ Classifier-free guidance follows diffusers: ``eps_u + w (eps_c - eps_u)`` with o
 doubled batch, i.e. two UNet evaluations per image per step. A w-conditioned student
 (``unet.config.time_cond_proj_dim`` set) gets ``w - 1`` as a guidance embedding instead and one
 evaluation per step; the stock pipeline does both, and ``UNetEvalCounter`` measures what happened.
+
+The sampler is the ModelSpec's: ``dpmsolver++`` (the reference protocol, on the model's own scheduler config) or
+``ddim`` (eta = 0 on the timestep spacing the model was distilled on: what a step-distilled student learned to take).
 
 SDXL models (``StableDiffusionXLPipeline`` folders: model_index.json's ``_class_name``) load as that class and
 follow the same contract; they are sampled with the pipeline's defaults for everything SDXL adds (micro-
@@ -54,9 +57,9 @@ def pipeline_class_name(ref: str) -> str:
     return str((read_model_index(ref) or {}).get("_class_name") or "StableDiffusionPipeline")
 
 
-def load_pipeline(ref: str, device: Optional[str] = None, dtype: str = "float32"):
+def load_pipeline(ref: str, device: Optional[str] = None, dtype: str = "float32", sampler: str = "dpmsolver++"):
     """A StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL folders) from a folder / hub id / toy:<name>
-    with a DPM-Solver++ scheduler."""
+    with the ``sampler``'s scheduler (``sampler_scheduler``)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from sd_distill.modelref import hub_kwargs, resolve_model_ref
@@ -75,9 +78,39 @@ def load_pipeline(ref: str, device: Optional[str] = None, dtype: str = "float32"
         pipe = StableDiffusionPipeline.from_pretrained(
             resolved, torch_dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False, **hub_kwargs(),
         )
-    pipe.scheduler = dpm_solver_pp_scheduler(pipe.scheduler)
+    pipe.scheduler = sampler_scheduler(pipe.scheduler, sampler, resolved)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(resolve_device(device))
+
+
+SAMPLERS = ("dpmsolver++", "ddim")
+
+
+def sampler_scheduler(scheduler, sampler: str, ref: Optional[str] = None):
+    """The scheduler a sampler name stands for, on the model's own noise schedule and prediction type.
+
+    ``dpmsolver++``: DPM-Solver++ (Lu et al. 2022, multistep, 2nd order) on the scheduler config's timestep
+    spacing. ``ddim``: DDIM (eta 0, first order) on ``trained_timestep_spacing(ref)`` when the folder records
+    one, else the scheduler config's spacing.
+    """
+    from diffusers import DDIMScheduler
+
+    if sampler == "dpmsolver++":
+        return dpm_solver_pp_scheduler(scheduler)
+    if sampler == "ddim":
+        spacing = trained_timestep_spacing(ref) if ref else None
+        return DDIMScheduler.from_config(scheduler.config, timestep_spacing=spacing or
+                                         scheduler.config.get("timestep_spacing", "leading"))
+    raise ValueError(f"unknown sampler {sampler!r}; valid: {list(SAMPLERS)}")
+
+
+def trained_timestep_spacing(folder: str) -> Optional[str]:
+    """The DDIM timestep spacing a distilled student's ``distill_config.json`` records (None when there is none)."""
+    path = Path(folder) / "distill_config.json"
+    if not path.is_file():
+        return None
+    sampling = json.loads(path.read_text()).get("sampling")
+    return sampling.get("timestep_spacing") if isinstance(sampling, dict) else None
 
 
 def dpm_solver_pp_scheduler(scheduler):
@@ -116,14 +149,16 @@ def prompt_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
 
 
 def images_folder(out_dir: Path, model: ModelSpec, steps: int, prompt_set: PromptSet) -> Path:
-    """``<out_dir>/<model>/steps-<n>/<prompt set>``; image i is ``<i:05d>.png`` (HPSv2's naming)."""
-    return Path(out_dir) / model.name / f"steps-{steps}" / prompt_set.name
+    """``<out_dir>/<model>/steps-<n>/<prompt set>`` (``ddim-steps-<n>`` with DDIM); image i is ``<i:05d>.png``
+    (HPSv2's naming)."""
+    prefix = "" if model.sampler == "dpmsolver++" else f"{model.sampler}-"
+    return Path(out_dir) / model.name / f"{prefix}steps-{steps}" / prompt_set.name
 
 
 def generation_fingerprint(params: EvaluateParams, model: ModelSpec, steps: int, prompt_set: PromptSet) -> dict:
     """What determines the images of a folder; a resumed run must match it."""
     digest = hashlib.sha256("\n".join(prompt_set.prompts).encode()).hexdigest()[:16]
-    return {"ref": model.ref, "steps": steps, "guidance_scale": params.guidance_scale, "resolution": params.resolution,
+    return {"ref": model.ref, "sampler": model.sampler, "steps": steps, "guidance_scale": params.guidance_scale, "resolution": params.resolution,
             "seed": params.seed, "batch_size": params.batch_size, "dtype": params.dtype, "prompts": len(prompt_set),
             "prompts_sha256": digest}
 
@@ -132,6 +167,8 @@ def _check_fingerprint(folder: Path, fingerprint: dict) -> None:
     path = folder / "generation.json"
     if path.is_file():
         old = json.loads(path.read_text()).get("fingerprint")
+        if old is not None:
+            old.setdefault("sampler", "dpmsolver++")  # folders written before samplers were named were DPM-Solver++
         if old != fingerprint:
             diff = {k: (old.get(k) if old else None, v) for k, v in fingerprint.items() if not old or old.get(k) != v}
             raise ValueError(f"{folder} holds images generated with other settings {diff} (old, new); "
@@ -155,7 +192,7 @@ def _write_batch(folder: Path, b: int, indices: list[int], images, seconds: floa
 
 def generate_images(params: EvaluateParams, model: ModelSpec, steps: int, prompt_set: PromptSet, out_dir: Path,
                     progress: ProgressFn | None = None, pipe=None, max_batches: Optional[int] = None) -> Path:
-    """Generate (or finish generating) ``prompt_set`` with ``model`` at ``steps`` DPM-Solver++ steps.
+    """Generate (or finish generating) ``prompt_set`` with ``model`` at ``steps`` steps of its sampler.
 
     Returns the image folder; its ``generation.json`` holds the fingerprint and, when every batch is
     done, ``summary`` (images, seconds per image, UNet evaluations per image). ``pipe`` reuses a loaded
@@ -171,7 +208,7 @@ def generate_images(params: EvaluateParams, model: ModelSpec, steps: int, prompt
     n, bs = len(prompt_set), params.batch_size
     batches = [b for b in range((n + bs - 1) // bs) if not (folder / "_batches" / f"{b:05d}.json").is_file()]
     if batches and pipe is None:
-        pipe = load_pipeline(model.ref, params.device, params.dtype)
+        pipe = load_pipeline(model.ref, params.device, params.dtype, model.sampler)
     done_new = 0
     with state.split_between_processes(batches) as mine:
         for k, b in enumerate(mine):

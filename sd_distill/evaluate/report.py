@@ -1,7 +1,9 @@
-"""The evaluation report: the reference table (markdown, CSV, JSON records), image grids and metric plots.
+"""The evaluation report: the reference table (markdown, CSV, JSON records), paired differences, grids and plots.
 
-Rows are model x steps; columns FID, IS, CLIP, HPSv2 per version, style and mean (leaderboard scale),
-latency, UNet evaluations and size. Only the metrics that were computed get a column.
+Rows are model x sampler x steps; columns FID, IS, CLIP, HPSv2 per version, style and mean (leaderboard scale),
+latency, UNet evaluations and size. Only the metrics that were computed get a column. Every metric with
+bootstrap replicates has its interval: ``<key>_lo`` / ``<key>_hi`` columns right after it in table.csv,
+``value [lo, hi]`` in table.md. differences.csv / .md hold each student row minus each teacher row (``compare``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from .config import EvaluateParams
 
-FIXED_COLUMNS = [("model", "model"), ("kind", "kind"), ("steps", "steps")]
+FIXED_COLUMNS = [("model", "model"), ("kind", "kind"), ("steps", "steps"), ("sampler", "sampler")]
 METRIC_COLUMNS = [("fid", "FID ↓"), ("is", "IS ↑"), ("is_std", "IS std"), ("clip", "CLIP ↑")]
 SPEED_COLUMNS = [("latency_s", "latency s/img"), ("images_per_s", "img/s (batched)"), ("unet_evals", "UNet evals"),
                  ("unet_params_m", "UNet params M"), ("unet_gmacs_per_image", "UNet GMACs/img")]
@@ -43,31 +45,55 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _cell(record: dict, key: str) -> str:
+    """A value, with ``[lo, hi]`` after it when the record has its interval."""
+    text = _fmt(record.get(key))
+    if record.get(f"{key}_lo") is not None and record.get(f"{key}_hi") is not None:
+        text += f" [{_fmt(record[f'{key}_lo'])}, {_fmt(record[f'{key}_hi'])}]"
+    return text
+
+
 def table_markdown(columns: list[tuple[str, str]], records: list[dict]) -> str:
-    """A GitHub markdown table of the records."""
+    """A GitHub markdown table of the records (metrics as ``value [lo, hi]`` where intervals exist)."""
     lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in records]
+    lines += ["| " + " | ".join(_cell(r, k) for k, _ in columns) + " |" for r in records]
     return "\n".join(lines) + "\n"
 
 
+def csv_columns(columns: list[tuple[str, str]], records: list[dict]) -> list[str]:
+    """The table's keys with ``<key>_lo``, ``<key>_hi`` after every key that has an interval in some record."""
+    keys = []
+    for k, _ in columns:
+        keys.append(k)
+        keys += [f"{k}{end}" for end in ("_lo", "_hi") if any(f"{k}{end}" in r for r in records)]
+    return keys
+
+
 def write_table(params: EvaluateParams, records: list[dict], out_dir: Path) -> dict[str, Path]:
-    """table.md, table.csv (same columns) and records.json (every key of every record)."""
+    """table.md, table.csv (same rows; the CSV adds the interval columns), records.json (every key of every record)
+    and, when students and teachers have replicates, differences.csv / differences.md."""
+    from .compare import paired_differences, write_differences
+
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = table_columns(params, records)
     paths = {"markdown": out_dir / "table.md", "csv": out_dir / "table.csv", "records": out_dir / "records.json"}
     paths["markdown"].write_text(table_markdown(columns, records))
+    keys = csv_columns(columns, records)
     with paths["csv"].open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([k for k, _ in columns])
+        w.writerow(keys)
         for r in records:
-            w.writerow(["" if r.get(k) is None else r.get(k) for k, _ in columns])
+            w.writerow(["" if r.get(k) is None else r.get(k) for k in keys])
     paths["records"].write_text(json.dumps(records, indent=1))
+    differences = paired_differences(records, params.hps_versions, params.confidence)
+    if differences:
+        paths.update(write_differences(differences, out_dir, params.confidence))
     return paths
 
 
 def grid_rows(records: list[dict]) -> list[dict]:
     """Grid rows: teachers at each of their steps, then students (the reference compares teacher 8/16/20 vs student 8)."""
-    return sorted(records, key=lambda r: (r.get("kind") != "teacher", r["model"], r["steps"]))
+    return sorted(records, key=lambda r: (r.get("kind") != "teacher", r["model"], r.get("sampler", ""), r["steps"]))
 
 
 GRID_HEADER = 40  # pixels above the grid for the prompts, when they are known
@@ -98,7 +124,7 @@ def image_grid(params: EvaluateParams, records: list[dict], set_name: str, out_p
         draw.text((label_w + x * (size + pad) + 2, 2), "\n".join(lines), fill="black")
     for y, r in enumerate(rows):
         top = header + y * (size + pad)
-        draw.text((4, top + size // 2 - 12), f"{r['model']}\n{r['steps']} steps", fill="black")
+        draw.text((4, top + size // 2 - 18), f"{r['model']}\n{r['steps']} steps\n{r.get('sampler', '')}", fill="black")
         for x in range(n):
             with Image.open(Path(r["images"][set_name]) / f"{x:05d}.png") as im:
                 tile = im.convert("RGB").resize((size, size), Image.NEAREST if im.width < size else Image.BICUBIC)
@@ -109,7 +135,8 @@ def image_grid(params: EvaluateParams, records: list[dict], set_name: str, out_p
 
 
 def metric_plot(params: EvaluateParams, records: list[dict], out_path: Path) -> Path | None:
-    """A PNG with one panel per metric (FID, IS, CLIP, HPSv2 means, latency) against steps, one line per model."""
+    """A PNG with one panel per metric (FID, IS, CLIP, HPSv2 means, latency) against steps, one line per model and
+    sampler, with the intervals as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,10 +149,17 @@ def metric_plot(params: EvaluateParams, records: list[dict], out_path: Path) -> 
     labels = dict(METRIC_COLUMNS + SPEED_COLUMNS + [(hps_key(v, "mean"), f"HPS{v} mean") for v in params.hps_versions])
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for model in dict.fromkeys(r["model"] for r in records):
-            pts = sorted((r["steps"], r[key]) for r in records if r["model"] == model and r.get(key) is not None)
+        for model, sampler in dict.fromkeys((r["model"], r.get("sampler")) for r in records):
+            pts = sorted((r["steps"], r[key], r.get(f"{key}_lo"), r.get(f"{key}_hi")) for r in records
+                         if (r["model"], r.get("sampler")) == (model, sampler) and r.get(key) is not None)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
+                label = model if sampler in (None, "dpmsolver++") else f"{model} ({sampler})"
+                line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)[0]
+                bars = [p for p in pts if p[2] is not None and p[3] is not None]
+                if bars:
+                    ax.errorbar([p[0] for p in bars], [p[1] for p in bars], fmt="none", ecolor=line.get_color(),
+                                yerr=[[max(0.0, p[1] - p[2]) for p in bars], [max(0.0, p[3] - p[1]) for p in bars]],
+                                capsize=2)
         ax.set_xlabel("steps")
         ax.set_title(labels.get(key, key))
     axes[0][0].legend(fontsize=7)
@@ -158,5 +192,7 @@ def build_report(params: EvaluateParams, results: list[dict], out_dir: Path) -> 
     if plot is not None:
         files["plot"] = str(plot)
     columns = table_columns(params, results)
+    diffs = out_dir / "differences.md"
     return {"rows": len(results), "columns": [k for k, _ in columns], "records": results, "files": files,
-            "markdown": (out_dir / "table.md").read_text()}
+            "markdown": (out_dir / "table.md").read_text(),
+            "differences_markdown": diffs.read_text() if "differences_markdown" in files else ""}

@@ -19,10 +19,12 @@ from sd_distill.progress import ProgressFn, report
 from .config import EvaluateParams, ModelSpec
 from .generate import LazyImages, generate_images, generation_summary, load_images, load_pipeline
 from .guidance import guidance_outside_training
-from .metrics.fid import feature_statistics, frechet_distance
+from . import stats
+from .compare import interval_columns, write_replicates
+from .metrics.fid import feature_statistics, fid_to_reference, frechet_distance
 from .metrics.features import extract_features
 from .metrics.inception_score import inception_score
-from .metrics.text_image import MetricModels, hps_leaderboard_scale
+from .metrics.text_image import LEADERBOARD_SCALE, MetricModels, hps_leaderboard_scale
 from .prompts import PromptSet, load_prompt_sets
 from .report import build_report, hps_key
 from .speed import speed_record
@@ -57,15 +59,35 @@ def reference_statistics(params: EvaluateParams, prompt_set: PromptSet, ref_dir:
 
 def compute_metrics(params: EvaluateParams, images_dir: Path, prompt_set: PromptSet, ref_dir: Path,
                     models: MetricModels | None = None) -> dict:
-    """The metrics of one generated image folder, as table-record keys.
+    """The metrics of one generated image folder, as table-record keys, with their bootstrap intervals.
 
     COCO sets: ``fid`` (against the reference images' statistics, cached in ``ref_dir``), ``is`` /
     ``is_std`` and ``clip``; HPSv2 sets: ``hps<version>_<style>`` on the leaderboard scale (mean x 100).
+    Each metric also gets ``<key>_lo`` / ``<key>_hi``, the ``params.confidence`` percentile interval over
+    ``params.bootstrap_samples`` resamples of the prompts (``stats``), whose replicates are written to the
+    folder's ``bootstrap.npz`` (``compare``) for the report's paired differences:
+
+    - CLIP score and HPSv2 are means of per-prompt values: each resample averages the resampled prompts'.
+    - FID: each resample takes the generated images' features at the resampled indices and computes FID
+      against the *fixed* reference statistics (the reference set is not resampled), on the first
+      ``params.fid_samples()`` resamples; IS: each resample recomputes IS with its splits on the resampled
+      logits (``is_std`` gets no interval). Resampling duplicates images, which moves every FID / IS
+      replicate the same way, so their replicates are centred on the point estimate (``stats.bias_corrected``).
+
+    Sets of fewer than ``stats.MIN_PROMPTS`` prompts get no intervals.
+
     ``models`` shares loaded metric models between calls.
     """
     models = models or MetricModels(params)
     images = load_images(images_dir, len(prompt_set))
+    n = len(prompt_set)
+    seed = stats.set_seed(params.bootstrap_seed, prompt_set.name)
+    # too few prompts to resample: no interval (and no paired difference) for this set
+    boot = n >= stats.MIN_PROMPTS
+    indices = stats.bootstrap_indices(n, params.bootstrap_samples, seed) if boot else None
     out: dict = {}
+    reps: dict[str, np.ndarray] = {}
+    per_prompt: dict[str, np.ndarray] = {}
     if prompt_set.kind == "coco":
         if "fid" in params.metrics or "is" in params.metrics:
             pool, logits = extract_features(models.extractor(), images)
@@ -73,26 +95,49 @@ def compute_metrics(params: EvaluateParams, images_dir: Path, prompt_set: Prompt
                 mu_r, sigma_r = reference_statistics(params, prompt_set, ref_dir, models)
                 mu_g, sigma_g = feature_statistics(pool)
                 out["fid"] = frechet_distance(mu_r, sigma_r, mu_g, sigma_g)
+                if boot:
+                    fid = fid_to_reference(mu_r, sigma_r)
+                    raw = stats.replicates(lambda row: fid(pool[row]), indices[: params.fid_samples()])
+                    reps["fid"] = stats.bias_corrected(out["fid"], raw)
             if "is" in params.metrics:
                 splits = min(params.is_splits, len(images))
                 out["is"], out["is_std"] = inception_score(logits, splits=splits)
+                if boot:
+                    raw = stats.replicates(lambda row: inception_score(logits[row], splits=splits)[0], indices)
+                    reps["is"] = stats.bias_corrected(out["is"], raw)
         if "clip" in params.metrics:
-            from sd_distill.scoring.clip_score import clip_score
+            from sd_distill.scoring.clip_score import clip_cosines
 
-            out["clip"] = clip_score(models.clip(), images, prompt_set.prompts)
+            values = 100.0 * clip_cosines(models.clip(), images, prompt_set.prompts).astype(np.float64)
+            out["clip"] = float(max(values.mean(), 0.0))  # clip_score's set value: max(mean(100 cos), 0)
+            per_prompt["clip"] = values
+            if boot:
+                reps["clip"] = np.maximum(stats.mean_replicates(values, indices), 0.0)
     elif prompt_set.kind == "hpsv2" and "hpsv2" in params.metrics:
         for version in params.hps_versions:
-            raw = models.hps(version).score(images, prompt_set.prompts)
-            out[hps_key(version, prompt_set.style)] = hps_leaderboard_scale(raw)
+            raw = models.hps(version).score(images, prompt_set.prompts).astype(np.float64)
+            key = hps_key(version, prompt_set.style)
+            out[key] = hps_leaderboard_scale(raw)
+            per_prompt[key] = LEADERBOARD_SCALE * raw
+            if boot:
+                reps[key] = stats.mean_replicates(per_prompt[key], indices)
+    for key, r in reps.items():
+        out[f"{key}_lo"], out[f"{key}_hi"] = stats.percentile_interval(r, params.confidence)
+    if reps:
+        write_replicates(Path(images_dir), n, params.bootstrap_samples, seed, params.confidence, reps, per_prompt)
     return out
 
 
 def _hps_means(params: EvaluateParams, row: dict) -> None:
-    """The mean over styles per version, as the leaderboard's "Average" column."""
+    """The mean over styles per version, as the leaderboard's "Average" column, with its interval (each style
+    resampled on its own prompts)."""
     for version in params.hps_versions:
         vals = [row[hps_key(version, s)] for s in params.hpsv2_styles if hps_key(version, s) in row]
         if vals:
             row[hps_key(version, "mean")] = float(np.mean(vals))
+    means = {k: v for k, v in interval_columns(row, params.hps_versions, params.confidence).items()
+             if k.startswith("hps") and "_mean_" in k}
+    row.update(means)
 
 
 def model_records(params: EvaluateParams, models: list[ModelSpec], out_dir: Path,
@@ -103,9 +148,9 @@ def model_records(params: EvaluateParams, models: list[ModelSpec], out_dir: Path
 
     if not models:
         raise ValueError("evaluate needs at least one ModelSpec")
-    names = [m.name for m in models]
+    names = [(m.name, m.sampler) for m in models]
     if len(set(names)) != len(names):
-        raise ValueError(f"model names must be unique (they name image folders and table rows): {names}")
+        raise ValueError(f"model names must be unique per sampler (they name image folders and table rows): {names}")
     out_dir = Path(out_dir)
     state = PartialState()
     sets = load_prompt_sets(params)
@@ -113,9 +158,10 @@ def model_records(params: EvaluateParams, models: list[ModelSpec], out_dir: Path
     total = sum(len(params.model_steps(m)) for m in models)
     records, done = [], 0
     for model in models:
-        pipe = load_pipeline(model.ref, params.device, params.dtype)
+        pipe = load_pipeline(model.ref, params.device, params.dtype, model.sampler)
         for steps in params.model_steps(model):
-            row = {"model": model.name, "kind": model.kind, "steps": steps, "ref": model.ref, "images": {}}
+            row = {"model": model.name, "kind": model.kind, "steps": steps, "sampler": model.sampler,
+                   "timestep_spacing": pipe.scheduler.config.get("timestep_spacing"), "ref": model.ref, "images": {}}
             note = guidance_outside_training(model, params.guidance_scale)
             if note:
                 row["guidance_note"] = note
@@ -133,7 +179,7 @@ def model_records(params: EvaluateParams, models: list[ModelSpec], out_dir: Path
                 _hps_means(params, row)
                 records.append(row)
             done += 1
-            report(progress, done, total, f"evaluated {model.name} at {steps} steps")
+            report(progress, done, total, f"evaluated {model.name} at {steps} {model.sampler} steps")
         del pipe
     return records
 
@@ -151,5 +197,6 @@ def evaluate(params: EvaluateParams, models: list[ModelSpec], out_dir: Path, pro
     sets = load_prompt_sets(params)
     summary = build_report(params, records, out_dir)
     summary["prompt_sets"] = {s.name: len(s) for s in sets}
-    (out_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "markdown"}, indent=1))
+    saved = {k: v for k, v in summary.items() if not k.endswith("markdown")}
+    (out_dir / "summary.json").write_text(json.dumps(saved, indent=1))
     return summary

@@ -30,6 +30,9 @@ from typing import Callable
 import numpy as np
 
 BETTER, WORSE, WITHIN_NOISE = "better", "worse", "within noise"
+# Fewer prompts than this get no interval: a resample of a handful of prompts repeats the same few values, and
+# its percentiles would pass for a precision the set does not have.
+MIN_PROMPTS = 10
 
 
 def set_seed(seed: int, set_name: str) -> int:
