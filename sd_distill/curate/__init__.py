@@ -21,7 +21,8 @@ over all partitions' scores:
 
 and the result is the one an unpartitioned run writes (same kept set, captions, part files).
 ``run_curate`` chains the steps in sub-folders (notebooks, scripts); ``summarize`` turns the result into a per-source table and a score distribution;
-``read_curated`` / ``iter_curated`` read the shards back with a schema check.
+``read_curated`` / ``iter_curated`` read the shards back with a schema check. Every reject's ``reason`` is a
+code of ``REASONS`` (``reasons.py``); ``netguard.py`` decides what the downloader may fetch.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from sd_distill.curate.config import CaptionParams, CurateParams, DaskParams, Do
 from sd_distill.curate.download import download_images
 from sd_distill.curate.filter import filter_scored, score, score_and_filter
 from sd_distill.curate.partitions import partition_bounds, partition_labels
+from sd_distill.curate.reasons import REASONS
 from sd_distill.curate.recaption import recaption, recaption_partition
 from sd_distill.curate.shards import CURATED_COLUMNS, iter_curated, read_curated, write_shards
 from sd_distill.curate.sources import SourceFormatError
@@ -42,7 +44,7 @@ from sd_distill.progress import ProgressFn, report
 STEPS = ("collect", "download", "filter", "recaption", "shards")
 
 __all__ = [
-    "CURATED_COLUMNS", "STEPS", "CaptionParams", "CurateParams", "DaskParams", "DownloadParams", "FilterParams",
+    "CURATED_COLUMNS", "REASONS", "STEPS", "CaptionParams", "CurateParams", "DaskParams", "DownloadParams", "FilterParams",
     "SourceFormatError", "SourceSpec", "collect_sources", "download_images", "filter_scored", "iter_curated",
     "partition_bounds", "partition_labels", "read_curated", "recaption", "recaption_partition", "run_curate", "score",
     "score_and_filter", "summarize", "summary_markdown", "write_shards",
