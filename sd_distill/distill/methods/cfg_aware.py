@@ -13,9 +13,13 @@ Per batch (symbols as in :mod:`sd_distill.diffusion.math`):
     with CFG at s -> z''_cfg, and conditional only -> z''_van.
  4. Targets x~ = two_step_target(z_t, z'', ...) for both (the x0 that reaches z'' in one DDIM step).
  5. Student, one batched forward of (uncond, cond): x_hat_cfg = cfg_combine(x_hat_c, x_hat_u, s), x_hat_van = x_hat_c.
- 6. loss = cfg_loss_weight * L(x_hat_cfg, x~_cfg) + vanilla_loss_weight * L(x_hat_van, x~_van), with L the MSE in
-    ``loss_space`` weighted by ``snr_weighting`` (``endpoint``: the distance between where the student's step and
-    the teacher's steps land at t_end).
+ 6. loss = cfg_loss_weight * L(x_hat_cfg, x~_cfg) + vanilla_loss_weight * L(x_hat_van, x~_van)
+           + data_loss_weight * L_data(x_hat_van, x),
+    with L the MSE in ``loss_space`` weighted by ``snr_weighting`` (``endpoint``: the distance between where the
+    student's step and the teacher's steps land at t_end), and L_data the denoising term on the curated latent x
+    itself, SD's objective in the student's prediction space (:func:`~sd_distill.distill.methods.common.data_loss`;
+    only on the rows whose z_t was noised from x, not on trajectory states). The three together are the
+    reference's one-stage "multi-loss"; data_loss_weight defaults to 0.
 The student keeps the teacher's prediction type: every output is converted to x0 at the boundary, so epsilon,
 sample and v_prediction teachers are handled by the same code.
 """
@@ -29,8 +33,8 @@ from sd_distill.diffusion.math import add_noise, cfg_combine, two_step_target
 from sd_distill.diffusion.sampling import guided_prediction
 from sd_distill.diffusion.math import to_x0
 from sd_distill.distill.methods.config import training_schedule
-from sd_distill.distill.methods.common import (randn, regression_loss, student_intervals, teacher_endpoint,
-                                               teacher_trajectory_states, uniform, unpack_batch)
+from sd_distill.distill.methods.common import (data_loss, randn, regression_loss, student_intervals,
+                                               teacher_endpoint, teacher_trajectory_states, uniform, unpack_batch)
 
 
 class CfgAwareDistillation:
@@ -59,6 +63,7 @@ class CfgAwareDistillation:
         a_e, s_e = (v.to(dtype) for v in self.schedule.alphas_sigmas(t_end.cpu(), device=device))
         z_t = add_noise(x0, randn(x0.shape, generator, device, dtype), a_t, s_t)
         s = uniform(n, cfg.guidance_min, cfg.guidance_max, generator, device)
+        on_path = torch.zeros(n, dtype=torch.bool, device=device)
         if cfg.trajectory_fraction > 0:  # some states from the teacher's own guided sampler instead
             on_path = uniform(n, 0.0, 1.0, generator, device) < cfg.trajectory_fraction
             if on_path.any():
@@ -101,5 +106,9 @@ class CfgAwareDistillation:
                                     end=(a_e, s_e))
             total = total + cfg.vanilla_loss_weight * l_van
             logs["loss_vanilla"] = float(l_van.detach())
+        if cfg.data_loss_weight > 0:  # SD's own objective on the rows that are noised curated latents
+            l_data = data_loss(x_c, x0, z_t, a_t, s_t, self.prediction_type, rows=~on_path)
+            total = total + cfg.data_loss_weight * l_data
+            logs["loss_data"] = float(l_data.detach())
         logs["loss"] = float(total.detach())
         return total, logs

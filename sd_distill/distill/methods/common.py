@@ -170,6 +170,29 @@ def regression_loss(x0_pred: Tensor, x0_target: Tensor, z_t: Tensor, alpha: Tens
     return (weight * per_sample).mean()
 
 
+# The model's own prediction space per prediction type (SD's training objective is the MSE there).
+PREDICTION_LOSS_SPACE = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
+
+
+def data_loss(x0_pred: Tensor, x0: Tensor, z_t: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str,
+              rows: Tensor | None = None) -> Tensor:
+    """The denoising term on the curated image's own latent: SD's training objective (BK-SDM's task loss),
+    L_data = mean_b || S_p(x_hat) - S_p(x) ||^2 in the student's prediction space p, where z_t = alpha_t x +
+    sigma_t eps was noised from the clean latent x and S_p maps an x0 estimate at z_t to p (epsilon: eps_hat vs
+    eps; sample: x_hat vs x; v: v_hat vs v = alpha_t eps - sigma_t x). Unweighted over t, as SD trains.
+
+    ``rows`` (a bool mask or indices) restricts it to the samples whose z_t really is a noised curated latent
+    (not the trajectory states of ``teacher_trajectory_states``, which have no clean x). No such row: 0.
+    """
+    if rows is not None:
+        if rows.dtype == torch.bool:
+            rows = rows.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return x0_pred.new_zeros((), dtype=torch.float32)
+        x0_pred, x0, z_t, alpha, sigma = (v[rows] for v in (x0_pred, x0, z_t, alpha, sigma))
+    return regression_loss(x0_pred, x0, z_t, alpha, sigma, PREDICTION_LOSS_SPACE[prediction_type], "none")
+
+
 def check_compatible(teacher_unet, student_unet, text_dim: int | None = None) -> None:
     """Raise a clear error when the student cannot stand in for the teacher (latent / text interfaces differ)."""
     for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type",

@@ -35,6 +35,9 @@ class MethodConfig(BaseModel):
     guidance_max: float = Field(14.0, ge=1.0)  # upper end of that range (SnapFusion uses [2, 14])
     cfg_loss_weight: float = Field(1.0, ge=0.0)  # weight of the CFG-aware term (student+CFG vs teacher+CFG)
     vanilla_loss_weight: float = Field(1.0, ge=0.0)  # weight of the plain step-distillation term (no guidance)
+    data_loss_weight: float = Field(0.0, ge=0.0)  # cfg_aware / progressive / w_conditioned: weight of the denoising
+    # term on the curated latent itself (SD's objective in the student's prediction space; the reference's
+    # "multi-loss" adds it to the two distillation terms). 0: distillation terms only (the measured defaults)
     loss_space: Literal["x0", "epsilon", "v", "endpoint"] = "v"  # space the MSE is measured in (v: SnapFusion's
     # choice; endpoint: the latent where the student's DDIM step lands vs where the teacher's steps land)
     snr_weighting: Literal["none", "snr", "truncated_snr", "min_snr_5"] = "none"  # per-timestep weight (see math)
@@ -61,13 +64,18 @@ class MethodConfig(BaseModel):
             if self.teacher_steps <= self.student_steps or self.teacher_steps % self.student_steps:
                 raise ValueError(f"cfg_aware: teacher_steps ({self.teacher_steps}) must be a multiple > 1 of "
                                  f"student_steps ({self.student_steps}), e.g. 16 -> 8 or 32 -> 8")
-            if self.cfg_loss_weight == 0 and self.vanilla_loss_weight == 0:
-                raise ValueError("cfg_loss_weight and vanilla_loss_weight are both 0: nothing to train")
+            if self.cfg_loss_weight == 0 and self.vanilla_loss_weight == 0 and self.data_loss_weight == 0:
+                raise ValueError("cfg_loss_weight, vanilla_loss_weight and data_loss_weight are all 0: nothing to train")
         if self.loss_space == "endpoint" and self.snr_weighting != "none":
             raise ValueError(f"loss_space 'endpoint' weights each step by where it lands; snr_weighting must be 'none' "
                              f"(got {self.snr_weighting!r})")
         if self.trajectory_fraction > 0 and self.kind not in ("cfg_aware", "progressive"):
             raise ValueError(f"trajectory_fraction is implemented for cfg_aware and progressive, not {self.kind!r}")
+        if self.data_loss_weight > 0 and self.kind == "bksdm_kd":
+            raise ValueError("bksdm_kd has its own denoising term: set kd_task_weight, not data_loss_weight")
+        if self.data_loss_weight > 0 and self.trajectory_fraction == 1.0:
+            raise ValueError("data_loss_weight needs noised curated latents, but trajectory_fraction 1.0 takes every "
+                             "training state from the teacher's sampler; lower trajectory_fraction")
         if self.kind == "bksdm_kd" and self.student_arch == "same":
             raise ValueError(f"bksdm_kd needs a block-removed student_arch; valid: {list(STUDENT_ARCHS[1:])}")
         if self.kind in ("w_conditioned", "progressive"):

@@ -16,6 +16,10 @@ steps, while t = 10 went 0.25 -> 0.04). epsilon / v teachers hardly notice (thei
 ``time_cond_proj_dim`` / ``timestep_cond`` as ``guidance_embedding(s - 1)`` -- exactly what a stock
 ``StableDiffusionPipeline`` feeds for ``guidance_scale = s``, so the saved student needs no custom pipeline.
 
+Both stages optionally add ``data_loss_weight * L_data``: SD's denoising objective on the curated latent x that z_t
+was noised from, for the student's unguided output (w = 0), in its prediction space
+(:func:`~sd_distill.distill.methods.common.data_loss`).
+
 Stage 2 (``w_halving``): progressive distillation of the w-conditioned model (Meng et al. sec. 3.2, Salimans & Ho
 Alg. 2): the teacher (the previous phase's w-conditioned student) takes two DDIM steps with the same w, the
 student one, onto the two-step target. Each halving is its own phase.
@@ -29,7 +33,7 @@ from torch import Tensor
 from sd_distill.diffusion.math import add_noise, to_x0, two_step_target
 from sd_distill.diffusion.sampling import guided_prediction
 from sd_distill.distill.methods.config import training_schedule
-from sd_distill.distill.methods.common import (randn, regression_loss, student_intervals,
+from sd_distill.distill.methods.common import (data_loss, randn, regression_loss, student_intervals,
                                                teacher_endpoint, uniform, unpack_batch)
 
 
@@ -37,6 +41,20 @@ def _require_w(unet, who: str) -> None:
     if unet.config.time_cond_proj_dim is None:
         raise ValueError(f"w-conditioned distillation: the {who} UNet has no guidance input (time_cond_proj_dim is "
                          "None); build the student with make_student(cfg, teacher_unet, phase)")
+
+
+def _with_data_term(method, loss: Tensor, logs: dict, x0, z_t, t, cond, alpha, sigma) -> Tensor:
+    """loss + data_loss_weight * L_data, with the student's unguided estimate (w = 0: guidance_scale 1) on the
+    noised curated latent (one more student forward; :func:`~sd_distill.distill.methods.common.data_loss`)."""
+    weight = method.cfg.data_loss_weight
+    if weight <= 0:
+        return loss
+    x_hat = to_x0(guided_prediction(method.student, z_t, t, cond, None, 1.0, "wcond"), z_t, alpha, sigma,
+                  method.prediction_type)
+    l_data = data_loss(x_hat, x0, z_t, alpha, sigma, method.prediction_type)
+    logs["loss_distill"] = float(loss.detach())
+    logs["loss_data"] = float(l_data.detach())
+    return loss + weight * l_data
 
 
 class WConditionedStage1:
@@ -66,7 +84,9 @@ class WConditionedStage1:
                            self.prediction_type)
         pred = to_x0(guided_prediction(self.student, z_t, t, cond, None, g, "wcond"), z_t, a, s, self.prediction_type)
         loss = regression_loss(pred, target, z_t, a, s, self.cfg.loss_space, self.cfg.snr_weighting, end=end)
-        return loss, {"loss": float(loss.detach()), "guidance_mean": float(g.mean())}
+        logs = {"guidance_mean": float(g.mean())}
+        loss = _with_data_term(self, loss, logs, x0, z_t, t, cond, a, s)
+        return loss, {"loss": float(loss.detach()), **logs}
 
 
 class WConditionedHalving:
@@ -101,4 +121,6 @@ class WConditionedHalving:
                      self.prediction_type)
         loss = regression_loss(pred, target, z_t, a_t, s_t, self.cfg.loss_space, self.cfg.snr_weighting,
                                end=(a_e, s_e))
-        return loss, {"loss": float(loss.detach()), "t_mean": float(t.float().mean()), "guidance_mean": float(g.mean())}
+        logs = {"t_mean": float(t.float().mean()), "guidance_mean": float(g.mean())}
+        loss = _with_data_term(self, loss, logs, x0, z_t, t, cond, a_t, s_t)
+        return loss, {"loss": float(loss.detach()), **logs}
