@@ -103,6 +103,13 @@ def test_the_guarded_opener_gives_each_bad_answer_its_code():
             got[kind] = classify_download_error(str(err.value))
         with op.open(srv.url("good"), timeout=2) as r:
             assert r.read() == png_bytes(color_image(3))
+        # https goes through the same guard: refused before connecting, or a TLS error against plain HTTP
+        for url, code in ((f"https://127.0.0.2:{srv.server_address[1]}/good", "private_address"),
+                          (srv.url("good").replace("http://", "https://"), "tls_error")):
+            with pytest.raises(Exception) as err:
+                op.open(url, timeout=2)
+            got[url] = classify_download_error(str(err.value))
+            expected[url] = code
         requests = dict(srv.requests)
     assert got == expected
     assert "/etc/passwd" not in requests and requests["/to_private"] == 1  # the redirect target was never fetched
