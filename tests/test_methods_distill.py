@@ -1,4 +1,4 @@
-"""The issue's "Done when": after a short training on a fixed tiny batch, the student's N-step output, from the same
+"""The step-distillation property: after a short training on a fixed tiny batch, the student's N-step output, from the same
 noise and prompts, is closer to the teacher's guided 2N-step output than the teacher's own N-step output is
 (mean relative distance over 11 noise draws, with a 10% margin) -- for every step-distillation method and every
 teacher prediction type. BK-SDM students (architecture distillation,

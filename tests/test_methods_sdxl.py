@@ -1,5 +1,5 @@
 """SDXL teachers: the tiny SDXL pipeline, the TextCond conditioning path (checked against diffusers' own
-StableDiffusionXLPipeline), the issue's "Done when" gap for cfg_aware / progressive / w_conditioned (epsilon and
+StableDiffusionXLPipeline), the step-distillation gap test for cfg_aware / progressive / w_conditioned (epsilon and
 v_prediction teachers), and the refusals (block-removed SDXL students)."""
 
 from __future__ import annotations
