@@ -90,7 +90,10 @@ def curate_and_distill(
     s = distill.method.student_steps
     models = [
         ModelSpec(name="teacher", ref=distill.teacher, kind="teacher"),
+        # the reference protocol: DPM-Solver++ at the student's steps and half of them
         ModelSpec(name="student", ref=student.uri, kind="student", steps=sorted({s // 2, s} - {0}, reverse=True)),
+        # as trained: first-order DDIM steps on the grid it was distilled on, at the steps it was distilled for
+        ModelSpec(name="student", ref=student.uri, kind="student", steps=[s], sampler="ddim"),
     ]
     report = run_stage(evaluate_flow, stage_deployments.evaluate, True, models=models, params=evaluate,
                        toy_prompts=toy_eval_prompts, store_root=root)

@@ -1,8 +1,9 @@
 """The evaluate flow: DPM-Solver++ at 8/16/20 steps, FID / IS / CLIP on COCO-2017, HPSv2 on its benchmark.
 
 Wraps ``sd_distill.evaluate``: one stage per model (images resumable per prompt batch, metrics,
-latency), then the report (table in the reference layout, teacher-vs-student grids, metric plots)
-as files in the store and as Prefect artifacts. Run locally::
+latency, bootstrap replicates), then the report (table in the reference layout with 95% intervals over
+prompts, student-minus-teacher paired differences, teacher-vs-student grids, metric plots) as files in the
+store and as Prefect artifacts. A ModelSpec with ``sampler: ddim`` is its own stage (suffix ``<name>-ddim``). Run locally::
 
     python -m flows.evaluate                                  # toy teacher, toy prompts
     prefect deployment run evaluate/gpu -p models='[{"name": "sd15", "ref": "stable-diffusion-v1-5/stable-diffusion-v1-5"}]'
@@ -45,7 +46,8 @@ def evaluate(
     if params is None:
         spec = {"n": toy_prompts, "seed": TOY_PROMPT_SEED, "per_style": max(1, toy_prompts // 4)}
         params = toy_params(t.toy_prompts(spec, [], root))
-    per_model = [t.evaluate_model((params, m), [], root, suffix=m.name) for m in models]
+    per_model = [t.evaluate_model((params, m), [], root, suffix=m.name if m.sampler == "dpmsolver++" else
+                                  f"{m.name}-{m.sampler}") for m in models]
     report = t.build_report(params, per_model, root)
     print(t.publish_report(report))
     return report

@@ -38,15 +38,46 @@ def toy_lines(toy: dict) -> list[str]:
     gen = toy["generation"]
     ref = next((g["reference"] for g in gen if "reference" in g), None)
     if ref:
-        out += [f"Paired with `{ref}` (same prompt, same seed): pixel RMSE and the share of scene attributes read the same.",
-                "", f"| model | steps | attribute accuracy of generated scenes | pixel RMSE to {ref} ↓ | agreement with {ref} ↑ |",
-                "|---|---|---|---|---|"]
-        out += [f"| {g['model']} | {g['steps']} | {g['attribute_accuracy']:.3f} | {g['rmse_to_ref']:.4f} | "
-                f"{g['agreement_with_ref']:.3f} |" for g in gen]
+        out += [f"Paired with `{ref}` (same prompt, same seed): pixel RMSE and the share of scene attributes read "
+                "the same. Means over prompts [95% bootstrap interval].",
+                "", "| model | sampler | steps | attribute accuracy of generated scenes ↑ | "
+                f"pixel RMSE to {ref} ↓ | agreement with {ref} ↑ |", "|---|---|---|---|---|---|"]
+        out += [f"| {g['model']} | {g.get('sampler', '')} | {g['steps']} | {_interval(g, 'attribute_accuracy', 3)} | "
+                f"{_interval(g, 'rmse_to_ref', 4)} | {_interval(g, 'agreement_with_ref', 3)} |" for g in gen]
     else:
-        out += ["| model | steps | attribute accuracy of generated scenes |", "|---|---|---|"]
-        out += [f"| {g['model']} | {g['steps']} | {g['attribute_accuracy']:.3f} |" for g in gen]
+        out += ["| model | sampler | steps | attribute accuracy of generated scenes ↑ |", "|---|---|---|---|"]
+        out += [f"| {g['model']} | {g.get('sampler', '')} | {g['steps']} | {_interval(g, 'attribute_accuracy', 3)} |"
+                for g in gen]
+    diffs = toy.get("generation_differences") or []
+    if diffs:
+        from sd_distill.evaluate.compare import differences_markdown
+
+        out += ["", differences_markdown(diffs).strip()]
     return out + [""]
+
+
+def _interval(row: dict, key: str, digits: int) -> str:
+    """``value [lo, hi]`` (just the value when the row has no interval)."""
+    text = f"{row[key]:.{digits}f}"
+    if row.get(f"{key}_lo") is not None and row.get(f"{key}_hi") is not None:
+        text += f" [{row[f'{key}_lo']:.{digits}f}, {row[f'{key}_hi']:.{digits}f}]"
+    return text
+
+
+def verdict_section(report_dir: Path, toy: dict | None = None) -> list[str]:
+    """The verdicts of every student row against every teacher row, read from the paired intervals only."""
+    from sd_distill.evaluate.compare import HEADLINE, read_differences, verdict_lines
+
+    rows = read_differences(report_dir)
+    shown = set(HEADLINE) | {r["metric"] for r in rows if r["metric"].endswith("_mean")}
+    lines = [f"- {line}" for line in verdict_lines(rows, shown)]
+    toy_rows = (toy or {}).get("generation_differences") or []
+    lines += [f"- toy measures, {line}" for line in verdict_lines(toy_rows)]
+    if not lines:
+        return []
+    return ["### Verdicts", "Better / worse where the 95% paired bootstrap interval of student minus teacher excludes 0 "
+            "(in the metric's good direction), within noise where it contains 0; the point estimates decide nothing.",
+            ""] + lines + [""]
 
 
 def run_summary(curated, student, report, ui_url: str | None = None, toy: dict | None = None) -> str:
@@ -65,9 +96,14 @@ def run_summary(curated, student, report, ui_url: str | None = None, toy: dict |
     out += ["## Evaluate", f"Report: `{report.uri}` (table.md, table.csv, grids/, metrics_vs_steps.png)", ""]
     table = Path(report.uri) / "table.md"
     if "://" not in report.uri and table.exists():
-        out += [table.read_text().strip(), ""]
+        out += ["Metrics: value [95% bootstrap interval over prompts].", "", table.read_text().strip(), ""]
+        differences = Path(report.uri) / "differences.md"
+        if differences.exists():
+            out += [differences.read_text().strip(), ""]
     if toy:
         out += toy_lines(toy)
+    if "://" not in report.uri:
+        out += verdict_section(Path(report.uri), toy)
     if ui_url:
         out += [f"Prefect UI: {ui_url}"]
     return "\n".join(out) + "\n"

@@ -94,7 +94,11 @@ def publish_report(manifest) -> str:
     markdown = (folder / "table.md").read_text()
     if table:
         create_table_artifact(key="evaluate-results", table=table, description=f"results table ({folder})")
-    publish_markdown(markdown, "evaluate-table", "results table (reference layout)")
+    publish_markdown(markdown, "evaluate-table", "results table (reference layout), 95% intervals over prompts")
+    if (folder / "differences.md").exists():
+        differences = (folder / "differences.md").read_text()
+        publish_markdown(differences, "evaluate-differences", "student minus teacher: paired intervals and verdicts")
+        markdown += "\n" + differences
     for grid in sorted((folder / "grids").glob("*.png")):
         publish_image(grid, f"evaluate-grid-{grid.stem.lower().replace('_', '-')}",
                       f"teacher vs student, same prompts and seeds: {grid.stem}")
@@ -108,7 +112,7 @@ def toy_world_measures(shards, report, store_root: str) -> dict:
     attribute accuracy of every model x steps' generations."""
     from sd_distill.evaluate.prompts import load_coco_prompts
     from sd_distill.store import StageStore
-    from sd_distill.toy.measures import curation_measures, generation_measures
+    from sd_distill.toy.measures import curation_measures, generation_differences, generation_measures
 
     store = StageStore(store_root)
     sources = store.find("curate/sources", shards.upstream[0]["key"])
@@ -116,5 +120,9 @@ def toy_world_measures(shards, report, store_root: str) -> dict:
     params = report.params
     prompts = load_coco_prompts(params["coco_captions"], params["coco_images"], params["max_coco_prompts"]).prompts
     records = json.loads((report.path / "records.json").read_text())
-    measures["generation"] = generation_measures(records, prompts=prompts)
+    boot = {"bootstrap_samples": params.get("bootstrap_samples", 1000), "bootstrap_seed": params.get("bootstrap_seed", 0),
+            "level": params.get("confidence", 0.95)}
+    rows = generation_measures(records, prompts=prompts, **boot)
+    measures["generation_differences"] = generation_differences(rows, **boot)
+    measures["generation"] = [{k: v for k, v in r.items() if k != "per_prompt"} for r in rows]
     return measures

@@ -93,3 +93,39 @@ def test_paired_measures_rank_runs_by_closeness_to_the_teachers_most_steps_run(t
     assert rows["teacher", 20]["rmse_to_ref"] == 0 and rows["teacher", 20]["agreement_with_ref"] == 1
     assert rows["student", 8]["rmse_to_ref"] == 0 and rows["student", 8]["agreement_with_ref"] == 1
     assert rows["teacher", 8]["rmse_to_ref"] > 0.05 and rows["teacher", 8]["agreement_with_ref"] < 0.8
+
+
+def test_toy_measures_carry_intervals_and_students_are_paired_with_each_teacher_row(tmp_path):
+    """A student that copies the reference beats a shuffled teacher run on closeness by its interval, not by luck."""
+    from sd_distill.summary import toy_lines
+    from sd_distill.toy.measures import generation_differences
+    from sd_distill.toy.world import caption_for, make_samples, render_scene
+
+    samples = make_samples(12, seed=7, bad_fraction=0.0)
+    prompts = [caption_for(s.truth) for s in samples]
+    folders = {}
+    for name, order in {"ref": range(12), "shuffled": [(i + 5) % 12 for i in range(12)]}.items():
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        for i, j in enumerate(order):
+            render_scene(samples[j].truth, 32, np.random.default_rng(j)).save(folders[name] / f"{i:05d}.png")
+    records = [{"model": "teacher", "kind": "teacher", "steps": 20, "images": {"coco": str(folders["ref"])}},
+               {"model": "teacher", "kind": "teacher", "steps": 8, "images": {"coco": str(folders["shuffled"])}},
+               {"model": "student", "kind": "student", "steps": 8, "sampler": "ddim",
+                "images": {"coco": str(folders["ref"])}}]
+    rows = generation_measures(records, prompts=prompts, bootstrap_samples=300)
+    for r in rows:
+        for key in ("attribute_accuracy", "rmse_to_ref", "agreement_with_ref"):
+            assert r[f"{key}_lo"] <= r[key] <= r[f"{key}_hi"]
+    diffs = {(r["teacher_steps"], r["metric"]): r for r in generation_differences(rows, bootstrap_samples=300)}
+    assert diffs[8, "rmse_to_ref"]["verdict"] == "better" and diffs[8, "rmse_to_ref"]["better_if"] == "lower"
+    assert diffs[8, "agreement_with_ref"]["verdict"] == "better"
+    same = diffs[20, "attribute_accuracy"]  # the same images as the reference row: exactly 0
+    assert (same["diff"], same["lo"], same["hi"], same["verdict"]) == (0.0, 0.0, 0.0, "within noise")
+    text = "\n".join(toy_lines({"curation": {"rejected": 1, "samples": 2, "planted_bad": 1, "reject_precision": 1.0,
+                                             "reject_recall": 1.0, "bad_fraction_in": 0.5, "bad_fraction_kept": 0.0,
+                                             "caption_accuracy_original": 0.5, "caption_accuracy_final": 1.0,
+                                             "recaptioned": 1},
+                                "generation": rows, "generation_differences": list(diffs.values())}))
+    assert "| student | ddim | 8 | " in text and "RMSE to teacher@20 ↓" in text.replace("pixel RMSE", "RMSE")
+    assert "| student | ddim | 8 | teacher | dpmsolver++ | 8 |" in text

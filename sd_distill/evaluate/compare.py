@@ -127,6 +127,11 @@ def _num(x: float) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3g}" if abs(x) < 1000 else f"{x:+.1f}"
 
 
+def _order(key: str) -> tuple:
+    """FID, IS, CLIP first (the reference table's order), then the rest by name."""
+    return (HEADLINE.index(key), "") if key in HEADLINE else (len(HEADLINE), key)
+
+
 def _pairs(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     pairs: dict[tuple, dict[str, dict]] = {}
     for r in rows:
@@ -143,7 +148,8 @@ def differences_markdown(rows: list[dict], metrics=None, level: float = 0.95) ->
     present = list(dict.fromkeys(r["metric"] for r in rows))
     metrics = [m for m in (metrics or present) if m in present]
     head = ["student", "sampler", "steps", "teacher", "sampler", "steps"]
-    head += [f"{metric_label(m)} {'↑' if higher_is_better(m) else '↓'}" for m in metrics]
+    better_if = {r["metric"]: r["better_if"] for r in rows}
+    head += [f"{metric_label(m)} {'↑' if better_if[m] == 'higher' else '↓'}" for m in metrics]
     lines = [f"Student minus teacher, same prompts and seeds; [{100 * level:g}% paired bootstrap interval over "
              "prompts] and the verdict it gives (the point estimate alone decides nothing).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -161,7 +167,7 @@ def verdict_lines(rows: list[dict], metrics=None) -> list[str]:
     out = []
     for (sm, ss, sn, tm, ts, tn), by_metric in _pairs(rows).items():
         groups: dict[str, list[str]] = {stats.BETTER: [], stats.WORSE: [], stats.WITHIN_NOISE: []}
-        for m, r in by_metric.items():
+        for m, r in sorted(by_metric.items(), key=lambda kv: _order(kv[0])):
             if metrics is None or m in metrics:
                 groups[r["verdict"]].append(metric_label(m))
         parts = [f"{v} on {', '.join(names)}" for v, names in groups.items() if names]

@@ -96,7 +96,6 @@ class ToyAttributeClassifier(nn.Module):
         idx = {name: out[name].argmax(-1).tolist() for name in HEADS}
         return [{name: HEADS[name][idx[name][i]] for name in HEADS} for i in range(len(images))]
 
-    @torch.no_grad()
     def attribute_accuracy(self, images, truths_or_prompts: Iterable[Mapping | str]) -> float:
         """Mean fraction of each scene's attributes read back right (3 for one object, 6 for two).
 
@@ -104,6 +103,11 @@ class ToyAttributeClassifier(nn.Module):
         prompts (parsed with :func:`parse_caption`). The predicted object count is always scored; the
         second object's attributes only where the truth has two.
         """
+        return float(np.mean(self.attribute_scores(images, truths_or_prompts)))
+
+    @torch.no_grad()
+    def attribute_scores(self, images, truths_or_prompts: Iterable[Mapping | str]) -> np.ndarray:
+        """Per image: the fraction of its scene's attributes read back right (``attribute_accuracy``'s terms), [N]."""
         if not isinstance(images, torch.Tensor):
             images = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 255.0).permute(0, 3, 1, 2)
         truths = [parse_caption(t) if isinstance(t, str) else canonical(dict(t)) for t in truths_or_prompts]
@@ -116,7 +120,7 @@ class ToyAttributeClassifier(nn.Module):
                     raise ValueError(f"prompt/truth names no toy object: {want}")
                 slots = list(HEADS) if want["n_objects"] == 2 else ["n_objects", "color1", "shape1"]
                 scores.append(np.mean([pred[s] == want[s] for s in slots]))
-        return float(np.mean(scores))
+        return np.asarray(scores, dtype=np.float64)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         from safetensors.torch import save_file

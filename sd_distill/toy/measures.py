@@ -4,8 +4,11 @@
   pairs, and caption accuracy (attributes parsed back from the caption vs the scene) of the kept
   samples before and after recaptioning.
 - ``generation_measures``: attribute accuracy of generated images (the toy classifier reads each
-  scene's colours and shapes back) per model x steps, next to the report's FID / CLIP / HPS columns,
-  and the paired distance of each run to the teacher's most-steps run (same prompts and seeds).
+  scene's colours and shapes back) per model x sampler x steps, next to the report's FID / CLIP / HPS
+  columns, and the paired distance of each run to the teacher's most-steps run (same prompts and seeds).
+  Each is a mean over prompts with its bootstrap interval (``<key>_lo`` / ``<key>_hi``, resampled on the
+  report's prompt indices, ``sd_distill.evaluate.stats``); ``generation_differences`` pairs every student
+  row with every teacher row on them.
 """
 
 from __future__ import annotations
@@ -67,16 +70,24 @@ def curation_measures(sources_dir: str | Path, shards_dir: str | Path) -> dict:
     }
 
 
+MEASURES = ("attribute_accuracy", "rmse_to_ref", "agreement_with_ref")
+LOWER_IS_BETTER = ("rmse_to_ref",)
+
+
 def generation_measures(records: list[dict], classifier_ref: str = "toy:classifier", prompt_set: str = "coco",
-                        prompts: list[str] | None = None) -> list[dict]:
-    """Per model x steps: attribute accuracy of the generated images of ``prompt_set`` (prompts in order), and
-    how close they are to the reference run: the teacher (``kind`` teacher) at its most steps.
+                        prompts: list[str] | None = None, bootstrap_samples: int = 1000, bootstrap_seed: int = 0,
+                        level: float = 0.95) -> list[dict]:
+    """Per model x sampler x steps: attribute accuracy of the generated images of ``prompt_set`` (prompts in order),
+    and how close they are to the reference run: the teacher (``kind`` teacher) at its most steps.
 
     The closeness is paired (same prompt, same seed, so the same starting noise): ``rmse_to_ref`` is the
     pixel RMSE in [0, 1] units between the two images, ``agreement_with_ref`` the fraction of scene
     attributes the classifier reads the same on both. A student that learned its teacher's 2N-step
-    trajectory lands nearer the reference than the teacher's own N-step run does.
+    trajectory lands nearer the reference than the teacher's own N-step run does. Every measure is a mean
+    over prompts with its ``level`` bootstrap interval; the per-prompt values are kept under ``per_prompt``
+    for ``generation_differences`` (the summary does not print them).
     """
+    from sd_distill.evaluate import stats
     from sd_distill.evaluate.generate import load_images
     from sd_distill.modelref import resolve_model_ref
     from sd_distill.toy.classifier import ToyAttributeClassifier
@@ -87,25 +98,66 @@ def generation_measures(records: list[dict], classifier_ref: str = "toy:classifi
     runs = [r for r in records if r.get("images", {}).get(prompt_set)]
     pixels = {id(r): _as_tensor(load_images(Path(r["images"][prompt_set]), len(prompts))) for r in runs}
     teachers = [r for r in runs if r.get("kind") == "teacher"] or runs
-    ref = max(teachers, key=lambda r: r["steps"]) if teachers else None
+    ref = max(teachers, key=lambda r: (r["steps"], r.get("sampler", "dpmsolver++") == "dpmsolver++")) if teachers else None
     ref_pred = classifier.predict(pixels[id(ref)]) if ref else None
+    enough = len(prompts) >= stats.MIN_PROMPTS
+    indices = stats.bootstrap_indices(len(prompts), bootstrap_samples, stats.set_seed(bootstrap_seed, prompt_set))
     rows = []
     for r in runs:
         images = pixels[id(r)]
-        row = {"model": r["model"], "steps": r["steps"],
-               "attribute_accuracy": classifier.attribute_accuracy(images, prompts)}
+        values = {"attribute_accuracy": classifier.attribute_scores(images, prompts)}
+        row = {"model": r["model"], "kind": r.get("kind"), "sampler": r.get("sampler", "dpmsolver++"),
+               "steps": r["steps"]}
         if ref is not None:
             pred = classifier.predict(images)
-            row.update(reference=f"{ref['model']}@{ref['steps']}",
-                       rmse_to_ref=paired_rmse(images, pixels[id(ref)]),
-                       agreement_with_ref=float(np.mean([np.mean([a[k] == b[k] for k in a]) for a, b in zip(pred, ref_pred)])))
+            row["reference"] = f"{ref['model']}@{ref['steps']}"
+            values["rmse_to_ref"] = image_rmse(images, pixels[id(ref)])
+            values["agreement_with_ref"] = np.array([np.mean([a[k] == b[k] for k in a]) for a, b in zip(pred, ref_pred)])
+        for key, v in values.items():
+            row[key] = float(np.mean(v))
+            if enough:
+                row[f"{key}_lo"], row[f"{key}_hi"] = stats.percentile_interval(stats.mean_replicates(v, indices), level)
+        row["per_prompt"] = {k: v.tolist() for k, v in values.items()}
         rows.append(row)
     return rows
 
 
+def generation_differences(rows: list[dict], bootstrap_samples: int = 1000, bootstrap_seed: int = 0,
+                           prompt_set: str = "coco", level: float = 0.95) -> list[dict]:
+    """Each student row minus each teacher row of ``generation_measures``, per measure: the paired bootstrap
+    interval and its verdict, in ``sd_distill.evaluate.compare.DIFF_FIELDS`` (the student's reference row, the
+    teacher at its most steps, is a teacher row too: a measure of closeness to it compares fairly with it)."""
+    from sd_distill.evaluate import stats
+
+    if not rows or len(next(iter(rows[0]["per_prompt"].values()))) < stats.MIN_PROMPTS:
+        return []
+    n = len(next(iter(rows[0]["per_prompt"].values())))
+    indices = stats.bootstrap_indices(n, bootstrap_samples, stats.set_seed(bootstrap_seed, prompt_set))
+    out = []
+    for s in (r for r in rows if r.get("kind") == "student"):
+        for t in (r for r in rows if r.get("kind") == "teacher"):
+            for key in MEASURES:
+                if key not in s["per_prompt"] or key not in t["per_prompt"]:
+                    continue
+                a, b = np.asarray(s["per_prompt"][key]), np.asarray(t["per_prompt"][key])
+                d = stats.paired_difference(a.mean(), b.mean(), stats.mean_replicates(a, indices),
+                                            stats.mean_replicates(b, indices), level)
+                up = key not in LOWER_IS_BETTER
+                out.append({"student": s["model"], "student_sampler": s["sampler"], "student_steps": s["steps"],
+                            "teacher": t["model"], "teacher_sampler": t["sampler"], "teacher_steps": t["steps"],
+                            "metric": key, "better_if": "higher" if up else "lower", "student_value": s[key],
+                            "teacher_value": t[key], **d, "verdict": stats.verdict(d["lo"], d["hi"], up)})
+    return out
+
+
+def image_rmse(images, reference) -> np.ndarray:
+    """Per image pair: the pixel RMSE (``[N, ...]`` tensors in [0, 1], same order), float64 [N]."""
+    return ((images - reference) ** 2).flatten(1).mean(1).sqrt().double().numpy()
+
+
 def paired_rmse(images, reference) -> float:
     """Mean over image pairs of the per-image pixel RMSE (``[N, ...]`` tensors in [0, 1], same order)."""
-    return float(((images - reference) ** 2).flatten(1).mean(1).sqrt().mean())
+    return float(image_rmse(images, reference).mean())
 
 
 def _as_tensor(images) -> "torch.Tensor":
