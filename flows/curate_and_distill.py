@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from flows._common import resolve_store_root
 from flows.curate import curate as curate_flow
 from flows.distill import distill as distill_flow
+from flows.evaluate import TOY_EVAL_PROMPTS
 from flows.evaluate import evaluate as evaluate_flow
 from sd_distill.curate.config import CurateParams
 from sd_distill.distill.config import DistillParams
@@ -76,7 +77,7 @@ def curate_and_distill(
     curate: CurateParams = CurateParams(),
     distill: DistillParams = DistillParams(),
     evaluate: Optional[EvaluateParams] = None,
-    toy_eval_prompts: int = 200,
+    toy_eval_prompts: int = TOY_EVAL_PROMPTS,
     store_root: str = "",
     stage_deployments: StageDeployments = StageDeployments(),
 ) -> str:
