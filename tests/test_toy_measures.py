@@ -122,6 +122,7 @@ def test_toy_measures_carry_intervals_and_students_are_paired_with_each_teacher_
     assert diffs[8, "agreement_with_ref"]["verdict"] == "better"
     same = diffs[20, "attribute_accuracy"]  # the same images as the reference row: exactly 0
     assert (same["diff"], same["lo"], same["hi"], same["verdict"]) == (0.0, 0.0, 0.0, "within noise")
+    assert (20, "rmse_to_ref") not in diffs  # the reference's closeness to itself is no comparison
     text = "\n".join(toy_lines({"curation": {"rejected": 1, "samples": 2, "planted_bad": 1, "reject_precision": 1.0,
                                              "reject_recall": 1.0, "bad_fraction_in": 0.5, "bad_fraction_kept": 0.0,
                                              "caption_accuracy_original": 0.5, "caption_accuracy_final": 1.0,

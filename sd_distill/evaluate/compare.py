@@ -41,7 +41,7 @@ def metric_label(key: str) -> str:
     if key in labels:
         return labels[key]
     version, _, style = key.partition("_")
-    return f"HPS{version[3:]} {style}" if key.startswith("hps") else key
+    return f"HPS{version[3:]} {style}" if key.startswith("hps") else key.replace("_", " ")
 
 
 def write_replicates(folder: Path, n: int, samples: int, seed: int, level: float, replicates: dict,

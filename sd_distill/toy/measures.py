@@ -126,7 +126,8 @@ def generation_differences(rows: list[dict], bootstrap_samples: int = 1000, boot
                            prompt_set: str = "coco", level: float = 0.95) -> list[dict]:
     """Each student row minus each teacher row of ``generation_measures``, per measure: the paired bootstrap
     interval and its verdict, in ``sd_distill.evaluate.compare.DIFF_FIELDS`` (the student's reference row, the
-    teacher at its most steps, is a teacher row too: a measure of closeness to it compares fairly with it)."""
+    teacher at its most steps, is compared on attribute accuracy only: its closeness to itself is perfect by
+    construction)."""
     from sd_distill.evaluate import stats
 
     if not rows or len(next(iter(rows[0]["per_prompt"].values()))) < stats.MIN_PROMPTS:
@@ -136,8 +137,9 @@ def generation_differences(rows: list[dict], bootstrap_samples: int = 1000, boot
     out = []
     for s in (r for r in rows if r.get("kind") == "student"):
         for t in (r for r in rows if r.get("kind") == "teacher"):
+            is_reference = t.get("reference") == f"{t['model']}@{t['steps']}" and t["rmse_to_ref"] == 0.0
             for key in MEASURES:
-                if key not in s["per_prompt"] or key not in t["per_prompt"]:
+                if key not in s["per_prompt"] or key not in t["per_prompt"] or (is_reference and key != MEASURES[0]):
                     continue
                 a, b = np.asarray(s["per_prompt"][key]), np.asarray(t["per_prompt"][key])
                 d = stats.paired_difference(a.mean(), b.mean(), stats.mean_replicates(a, indices),
