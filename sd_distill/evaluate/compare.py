@@ -124,7 +124,9 @@ def paired_differences(records: list[dict], hps_versions=(), level: float = 0.95
 
 
 def _num(x: float) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3g}" if abs(x) < 1000 else f"{x:+.1f}"
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:+.3g}" if abs(x) < 1000 else f"{x:+.1f}"
 
 
 def _order(key: str) -> tuple:

@@ -1,4 +1,4 @@
-"""Image generation for evaluation: DPM-Solver++ (or DDIM on a student's trained grid) at a step count, resumable, sharded.
+"""Image generation for evaluation: DPM-Solver++ or DDIM on a student's trained grid; resumable, sharded.
 
 Every prompt i of a prompt set is sampled with its own ``torch.Generator().manual_seed(seed + i)``
 (on the CPU, so the initial noise is the same on every device and in every batch), hence every model
@@ -158,9 +158,9 @@ def images_folder(out_dir: Path, model: ModelSpec, steps: int, prompt_set: Promp
 def generation_fingerprint(params: EvaluateParams, model: ModelSpec, steps: int, prompt_set: PromptSet) -> dict:
     """What determines the images of a folder; a resumed run must match it."""
     digest = hashlib.sha256("\n".join(prompt_set.prompts).encode()).hexdigest()[:16]
-    return {"ref": model.ref, "sampler": model.sampler, "steps": steps, "guidance_scale": params.guidance_scale, "resolution": params.resolution,
-            "seed": params.seed, "batch_size": params.batch_size, "dtype": params.dtype, "prompts": len(prompt_set),
-            "prompts_sha256": digest}
+    return {"ref": model.ref, "sampler": model.sampler, "steps": steps, "guidance_scale": params.guidance_scale,
+            "resolution": params.resolution, "seed": params.seed, "batch_size": params.batch_size, "dtype": params.dtype,
+            "prompts": len(prompt_set), "prompts_sha256": digest}
 
 
 def _check_fingerprint(folder: Path, fingerprint: dict) -> None:

@@ -149,7 +149,9 @@ def metric_plot(params: EvaluateParams, records: list[dict], out_path: Path) -> 
     labels = dict(METRIC_COLUMNS + SPEED_COLUMNS + [(hps_key(v, "mean"), f"HPS{v} mean") for v in params.hps_versions])
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for model, sampler in dict.fromkeys((r["model"], r.get("sampler")) for r in records):
+        lines = list(dict.fromkeys((r["model"], r.get("sampler")) for r in records))
+        for i, (model, sampler) in enumerate(lines):
+            dodge = 0.12 * (i - (len(lines) - 1) / 2)  # error bars of rows at the same steps side by side
             pts = sorted((r["steps"], r[key], r.get(f"{key}_lo"), r.get(f"{key}_hi")) for r in records
                          if (r["model"], r.get("sampler")) == (model, sampler) and r.get(key) is not None)
             if pts:
@@ -157,9 +159,9 @@ def metric_plot(params: EvaluateParams, records: list[dict], out_path: Path) -> 
                 line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)[0]
                 bars = [p for p in pts if p[2] is not None and p[3] is not None]
                 if bars:
-                    ax.errorbar([p[0] for p in bars], [p[1] for p in bars], fmt="none", ecolor=line.get_color(),
-                                yerr=[[max(0.0, p[1] - p[2]) for p in bars], [max(0.0, p[3] - p[1]) for p in bars]],
-                                capsize=2)
+                    yerr = [[max(0.0, p[1] - p[2]) for p in bars], [max(0.0, p[3] - p[1]) for p in bars]]
+                    ax.errorbar([p[0] + dodge for p in bars], [p[1] for p in bars], yerr=yerr, fmt="none",
+                                ecolor=line.get_color(), capsize=2)
         ax.set_xlabel("steps")
         ax.set_title(labels.get(key, key))
     axes[0][0].legend(fontsize=7)

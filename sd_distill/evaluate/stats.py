@@ -36,7 +36,8 @@ MIN_PROMPTS = 10
 
 
 def set_seed(seed: int, set_name: str) -> int:
-    """The resampling seed of one prompt set: ``seed`` plus a stable hash of its name (styles resample independently)."""
+    """The resampling seed of one prompt set: ``seed`` plus a stable hash of its name (each style resamples on its
+    own)."""
     return int(seed) + zlib.crc32(set_name.encode()) % 1_000_003
 
 
@@ -82,7 +83,8 @@ def paired_difference(point_a: float, point_b: float, reps_a, reps_b, level: flo
     """Step 4: {diff, lo, hi} of metric(a) - metric(b), from replicates on the same resampled prompts."""
     reps_a, reps_b = np.asarray(reps_a, dtype=np.float64), np.asarray(reps_b, dtype=np.float64)
     if reps_a.shape != reps_b.shape:
-        raise ValueError(f"paired replicates must come from the same resamples: shapes {reps_a.shape} vs {reps_b.shape}")
+        raise ValueError(f"paired replicates must come from the same resamples: shapes {reps_a.shape} vs "
+                         f"{reps_b.shape}")
     lo, hi = percentile_interval(reps_a - reps_b, level)
     return {"diff": float(point_a) - float(point_b), "lo": lo, "hi": hi}
 
