@@ -128,7 +128,8 @@ def test_whole_dag_on_s3_store_and_s3_result_storage_then_cached_rerun(s3, prefe
         stages = {"/".join(p.split("/")[2:-1][:-1]) for p in manifests}
         assert {"curate/sources", "curate/download", "curate/score", "curate/caption", "curate/shards",
                 "distill/cache", "distill/phase-cfg-aware-16-8", "distill/student", "evaluate/toy-prompts",
-                "evaluate/model-teacher", "evaluate/model-student", "evaluate/report"} <= stages, stages
+                "evaluate/model-teacher", "evaluate/model-student", "evaluate/model-student-ddim",
+                "evaluate/report"} <= stages, stages
         assert "s3://cad/dag/distill/student/" in summary and "Toy world" in summary
         assert fs.cat("cad/dag/latest-summary.md").decode() == summary
         assert fs.ls("cad/results"), "Prefect results were not written to the S3 block"
