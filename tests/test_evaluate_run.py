@@ -97,13 +97,15 @@ def test_report_table_keeps_only_computed_columns_in_reference_order(tmp_path):
     records = [
         {"model": "t", "kind": "teacher", "steps": 8, "fid": 26.5, "hpsv2.0_anime": 27.0, "hpsv2.0_mean": 27.0,
          "unet_evals": 16, "latency_s": 0.5},
-        {"model": "s", "kind": "student", "steps": 8, "fid": 22.2, "unet_evals": 8, "latency_s": 0.25},
+        {"model": "s", "kind": "student", "steps": 8, "fid": 22.2, "unet_evals": 8, "latency_s": 0.25,
+         "guidance_note": "s is evaluated at guidance_scale 7.5, outside the range it was distilled on [2, 6]"},
     ]
     cols = [k for k, _ in table_columns(params, records)]
     assert cols == ["model", "kind", "steps", "fid", "hpsv2.0_anime", "hpsv2.0_mean", "latency_s", "unet_evals"]
     summary = build_report(params, records, tmp_path)
     assert "| t | teacher | 8 | 26.5 | 27 | 27 | 0.5 | 16 |" in summary["markdown"]
     assert "| s | student | 8 | 22.2 | – | – | 0.25 | 8 |" in summary["markdown"]
+    assert summary["markdown"].count("Note: s is evaluated at guidance_scale 7.5, outside the range") == 1
     assert summary["files"]["grids"] == []  # no image folders in these records
     assert (tmp_path / "metrics_vs_steps.png").is_file()
 

@@ -77,7 +77,7 @@ def write_table(params: EvaluateParams, records: list[dict], out_dir: Path) -> d
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = table_columns(params, records)
     paths = {"markdown": out_dir / "table.md", "csv": out_dir / "table.csv", "records": out_dir / "records.json"}
-    paths["markdown"].write_text(table_markdown(columns, records))
+    paths["markdown"].write_text(table_markdown(columns, records) + notes_markdown(records))
     keys = csv_columns(columns, records)
     with paths["csv"].open("w", newline="") as f:
         w = csv.writer(f)
@@ -89,6 +89,12 @@ def write_table(params: EvaluateParams, records: list[dict], out_dir: Path) -> d
     if differences:
         paths.update(write_differences(differences, out_dir, params.confidence))
     return paths
+
+
+def notes_markdown(records: list[dict]) -> str:
+    """The table's notes: each distinct ``guidance_note`` (a student sampled outside its trained guidance range)."""
+    notes = list(dict.fromkeys(r["guidance_note"] for r in records if r.get("guidance_note")))
+    return "".join(f"\nNote: {n}.\n" for n in notes)
 
 
 def grid_rows(records: list[dict]) -> list[dict]:
