@@ -1,4 +1,4 @@
-"""Small pieces every flow shares: where the stage store lives."""
+"""Small pieces every flow shares: where the stage store lives, the inline run's environment."""
 
 from __future__ import annotations
 
@@ -9,6 +9,30 @@ from pathlib import Path
 for _var, _value in {"DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error",
                      "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_var, _value)
+
+
+# An inline run (``python -m flows.<flow>``) starts its own temporary Prefect server; on a busy machine its
+# first start (a new SQLite database, migrations) takes longer than Prefect's default of 20 s.
+EPHEMERAL_STARTUP_TIMEOUT_S = 180
+
+
+def inline_run_environment() -> None:
+    """Defaults for an inline run: offline, no telemetry, a patient temporary Prefect server.
+
+    Call it before Prefect is imported: Prefect reads its settings and the SDK's telemetry switch from
+    the environment at import. The temporary server and the training subprocesses inherit the variables.
+    A variable already set wins; models download only with ``SD_DISTILL_ALLOW_DOWNLOAD=1``.
+    """
+    defaults = {
+        "DO_NOT_TRACK": "1",  # Prefect's SDK telemetry
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # the server's startup telemetry
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(EPHEMERAL_STARTUP_TIMEOUT_S),
+        "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations' version check at import
+    }
+    if os.environ.get("SD_DISTILL_ALLOW_DOWNLOAD", "0") != "1":
+        defaults["HF_HUB_OFFLINE"] = "1"
+    for var, value in defaults.items():
+        os.environ.setdefault(var, value)
 
 
 def default_store_root() -> str:

@@ -11,6 +11,11 @@ deployments on a GPU work pool (``run_deployment``); by default every stage runs
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # the inline entry point: its offline defaults must be set before Prefect is imported
+    from flows._common import inline_run_environment
+
+    inline_run_environment()
+
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
@@ -21,14 +26,14 @@ from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from pydantic import BaseModel, ConfigDict
 
-from flows._common import resolve_store_root
+from flows._common import inline_run_environment, resolve_store_root
 from flows.curate import curate as curate_flow
 from flows.distill import distill as distill_flow
 from flows.evaluate import TOY_EVAL_PROMPTS
 from flows.evaluate import evaluate as evaluate_flow
 from sd_distill.curate.config import CurateParams
-from sd_distill.distill.config import DistillParams
-from sd_distill.evaluate.config import EvaluateParams, ModelSpec
+from sd_distill.distill.config import DistillParams, check_extra_students
+from sd_distill.evaluate.config import EvaluateParams, ModelSpec, student_model_specs
 from sd_distill.store import Manifest
 from sd_distill.summary import run_summary
 from tasks._artifacts import publish_markdown
@@ -80,22 +85,25 @@ def curate_and_distill(
     toy_eval_prompts: int = TOY_EVAL_PROMPTS,
     store_root: str = "",
     stage_deployments: StageDeployments = StageDeployments(),
+    extra_students: dict[str, DistillParams] = {},
 ) -> str:
-    """curate -> distill -> evaluate; ``evaluate=None`` evaluates on ``toy_eval_prompts`` held-out toy prompts."""
+    """curate -> distill -> evaluate; ``evaluate=None`` evaluates on ``toy_eval_prompts`` held-out toy prompts.
+
+    ``extra_students`` (name -> DistillParams, same teacher) distils more students from the same curated set, each
+    its own cached distill stages (the latent cache is shared when the data settings match), all in one report."""
+    check_extra_students(distill, extra_students)
     root = resolve_store_root(store_root)
     # every model and file the inline stages need, checked before any of them runs
     preflight(None if stage_deployments.curate else curate, None if stage_deployments.distill else distill,
               None if stage_deployments.evaluate else evaluate)
     shards = run_stage(curate_flow, stage_deployments.curate, False, params=curate, store_root=root)
-    student = run_stage(distill_flow, stage_deployments.distill, True, params=distill, curated=shards.uri, store_root=root)
-    s = distill.method.student_steps
-    models = [
-        ModelSpec(name="teacher", ref=distill.teacher, kind="teacher"),
-        # the reference protocol: DPM-Solver++ at the student's steps and half of them
-        ModelSpec(name="student", ref=student.uri, kind="student", steps=sorted({s // 2, s} - {0}, reverse=True)),
-        # as trained: first-order DDIM steps on the grid it was distilled on, at the steps it was distilled for
-        ModelSpec(name="student", ref=student.uri, kind="student", steps=[s], sampler="ddim"),
-    ]
+    students = {"student": distill, **extra_students}
+    distilled = {name: run_stage(distill_flow, stage_deployments.distill, True, params=p, curated=shards.uri,
+                                 store_root=root) for name, p in students.items()}
+    student = distilled["student"]
+    models = [ModelSpec(name="teacher", ref=distill.teacher, kind="teacher")]
+    for name, p in students.items():
+        models += student_model_specs(name, distilled[name].uri, p.method.student_steps)
     report = run_stage(evaluate_flow, stage_deployments.evaluate, True, models=models, params=evaluate,
                        toy_prompts=toy_eval_prompts, store_root=root)
     toy = None
@@ -142,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--print-params", action="store_true",
                    help="print the validated parameters as JSON (for `prefect deployment run --params`) and exit")
     args = p.parse_args(argv)
+    inline_run_environment()  # a no-op after the entry point's own call; here for callers of main()
     params = load_run_file(args.config) if args.config else {}
     if args.print_params:
         print(json.dumps({k: _jsonable(v) for k, v in params.items()}))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's run command (`make demo`): a local Prefect server, a process work pool, the deployments,
-# a worker, and one `prefect deployment run curate-and-distill/demo --watch` on the embedded toy world.
+# a worker, and one run of curate-and-distill/demo on the embedded toy world, followed in this terminal by
+# scripts/watch_run.py (every stage's progress lines, cache hits, training loss; exits non-zero if it failed).
 # `make demo-stop` stops the server and worker this started (by PID).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,9 +42,9 @@ if ! alive "$STATE/worker.pid"; then
   echo $! >"$STATE/worker.pid"
 fi
 
-echo "==> prefect deployment run curate-and-distill/demo --watch"
+echo "==> running curate-and-distill/demo (the same lines are in the Prefect UI; log: .demo/run.log)"
 start=$(date +%s)
-prefect deployment run curate-and-distill/demo --watch --watch-interval 5 | tee "$STATE/run.log"
+python scripts/watch_run.py curate-and-distill/demo | tee "$STATE/run.log"
 echo "==> finished in $(( $(date +%s) - start ))s"
 echo
 if [ -f "$SD_DISTILL_STORE/latest-summary.md" ]; then cat "$SD_DISTILL_STORE/latest-summary.md"; fi

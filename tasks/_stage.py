@@ -45,15 +45,68 @@ def _retry_transient(task, task_run, state) -> bool:
     return False
 
 
-class ProgressArtifact:
-    """A ProgressFn that updates one Prefect progress artifact (throttled to one call a second)."""
+# A stage's progress line in the run log: at most one per LOG_EVERY_S seconds, plus its first and last item.
+LOG_EVERY_S = 10.0
 
-    def __init__(self, description: str):
+
+def progress_line(stage: str, done: int, total: int, rate: float | None, message: str = "") -> str:
+    """``<stage>: <done>/<total> (<rate>/s, ETA <eta>) <message>``; rate and ETA only once they are known."""
+    line = f"{stage}: {done}/{total}" if total else f"{stage}: {done}"
+    if rate:
+        eta = f", ETA {_duration((total - done) / rate)}" if total and done < total else ""
+        line += f" ({rate:.3g}/s{eta})"
+    return f"{line} {message}".rstrip()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class ProgressRate:
+    """Items per second since the first report of the current count (a new ``total`` or a count that went
+    back starts over: a library call may report several loops through one callback), and when to log."""
+
+    def __init__(self, every_s: float = LOG_EVERY_S, clock: Callable[[], float] = time.monotonic):
+        self.every_s = every_s
+        self.clock = clock
+        self._start: tuple[float, int] | None = None
+        self._total = None
+        self._done = 0
+        self._logged = None  # clock at the last logged line
+
+    def update(self, done: int, total: int) -> tuple[float | None, bool]:
+        """Record a report; returns (items per second or None, whether to log this one)."""
+        now = self.clock()
+        restart = self._start is None or total != self._total or done < self._done
+        if restart:
+            self._start, self._total = (now, done), total
+        self._done = done
+        t0, d0 = self._start
+        rate = (done - d0) / (now - t0) if now > t0 and done > d0 else None
+        last = bool(total) and done >= total
+        log = restart or last or self._logged is None or now - self._logged >= self.every_s
+        if log:
+            self._logged = now
+        return rate, log
+
+
+class ProgressArtifact:
+    """A ProgressFn that updates one Prefect progress artifact (throttled to one call a second) and logs
+    ``progress_line`` through the run logger (throttled to ``LOG_EVERY_S``), so the terminal follows it too."""
+
+    def __init__(self, description: str, stage: str | None = None):
         self.description = description
+        self.stage = stage or description
         self.id = None
         self._last = 0.0
+        self._rate = ProgressRate()
+        self._logger = get_run_logger()  # captured here: library code may report from its own threads
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
+        rate, log = self._rate.update(done, total)
+        if log:
+            self._logger.info("%s", progress_line(self.stage, done, total, rate, message))
         now = time.monotonic()
         final = total and done >= total
         if not final and now - self._last < 1.0:
@@ -66,7 +119,7 @@ class ProgressArtifact:
             else:
                 update_progress_artifact(self.id, progress=pct, description=f"{self.description}: {message}"[:500])
         except Exception as exc:  # progress must never fail the stage
-            get_run_logger().debug("progress artifact update failed: %s", exc)
+            self._logger.debug("progress artifact update failed: %s", exc)
 
 
 def _key_for(ctx, stage: str, code_version: str, key_of: Callable[[Any], Any], parameters: dict[str, Any]) -> str:
@@ -150,7 +203,7 @@ def build_stage(
         with ExitStack() as stack:
             stack.callback(_CURRENT.reset, token)
             inputs = [stack.enter_context(store.local_copy(m)) for m in upstream]
-            counts = fn(b.path, inputs, ProgressArtifact(description)) or {}
+            counts = fn(b.path, inputs, ProgressArtifact(description, stage)) or {}
         b.counts.update(counts)
     logger.info("%s: stored %s (%s)", stage, b.manifest.uri, ", ".join(f"{k}={v}" for k, v in b.counts.items() if not isinstance(v, (dict, list))))
     return b.manifest

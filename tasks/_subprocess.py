@@ -1,7 +1,8 @@
 """Run a command (e.g. ``accelerate launch ...``) and stream its output into the Prefect run logs.
 
-Lines that are JSON objects with ``"event": "progress"`` update the progress artifact;
-every other line goes to the task run's log, so training logs appear in the flow run.
+Lines that are JSON objects with ``"event": "progress"`` go to the progress callback (the artifact and
+the rate-limited ``<stage>: <step>/<max_steps> ... loss=..`` line) and to the log at DEBUG; every other
+line goes to the task run's log at INFO, so training logs appear in the flow run.
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ def run_streaming(cmd: Sequence[str], progress: Callable[[int, int, str], None] 
         if isinstance(event, dict) and "event" in event:
             events.append(event)
             if event["event"] == "progress" and progress is not None:
-                msg = ", ".join(f"{k}={event[k]:.4g}" if isinstance(event[k], float) else f"{k}={event[k]}"
-                                for k in ("loss", "samples_per_s", "lr") if k in event)
+                msg = ", ".join(["training steps"] + [
+                    f"{k}={event[k]:.4g}" if isinstance(event[k], float) else f"{k}={event[k]}"
+                    for k in ("loss", "samples_per_s", "lr") if k in event])
                 progress(int(event.get("step", 0)), int(event.get("max_steps", 0)), msg)
-            logger.info("%s", line)
+                logger.debug("%s", line)
+            else:
+                logger.info("%s", line)
         else:
             logger.info("%s", line)
     code = proc.wait()

@@ -166,7 +166,7 @@ def model_records(params: EvaluateParams, models: list[ModelSpec], out_dir: Path
             if note:
                 row["guidance_note"] = note
             for prompt_set in sets:
-                folder = generate_images(params, model, steps, prompt_set, out_dir / "images", pipe=pipe)
+                folder = generate_images(params, model, steps, prompt_set, out_dir / "images", progress, pipe=pipe)
                 row["images"][prompt_set.name] = str(folder)
                 if state.is_main_process:
                     row.update(compute_metrics(params, folder, prompt_set, out_dir / "reference", metric_models))
