@@ -32,8 +32,8 @@ from flows.distill import distill as distill_flow
 from flows.evaluate import TOY_EVAL_PROMPTS
 from flows.evaluate import evaluate as evaluate_flow
 from sd_distill.curate.config import CurateParams
-from sd_distill.distill.config import DistillParams, check_extra_students
-from sd_distill.evaluate.config import EvaluateParams, ModelSpec, student_model_specs
+from sd_distill.distill.config import DistillParams
+from sd_distill.evaluate.config import EvaluateParams, ModelSpec
 from sd_distill.store import Manifest
 from sd_distill.summary import run_summary
 from tasks._artifacts import publish_markdown
@@ -85,25 +85,22 @@ def curate_and_distill(
     toy_eval_prompts: int = TOY_EVAL_PROMPTS,
     store_root: str = "",
     stage_deployments: StageDeployments = StageDeployments(),
-    extra_students: dict[str, DistillParams] = {},
 ) -> str:
-    """curate -> distill -> evaluate; ``evaluate=None`` evaluates on ``toy_eval_prompts`` held-out toy prompts.
-
-    ``extra_students`` (name -> DistillParams, same teacher) distils more students from the same curated set, each
-    its own cached distill stages (the latent cache is shared when the data settings match), all in one report."""
-    check_extra_students(distill, extra_students)
+    """curate -> distill -> evaluate; ``evaluate=None`` evaluates on ``toy_eval_prompts`` held-out toy prompts."""
     root = resolve_store_root(store_root)
     # every model and file the inline stages need, checked before any of them runs
     preflight(None if stage_deployments.curate else curate, None if stage_deployments.distill else distill,
               None if stage_deployments.evaluate else evaluate)
     shards = run_stage(curate_flow, stage_deployments.curate, False, params=curate, store_root=root)
-    students = {"student": distill, **extra_students}
-    distilled = {name: run_stage(distill_flow, stage_deployments.distill, True, params=p, curated=shards.uri,
-                                 store_root=root) for name, p in students.items()}
-    student = distilled["student"]
-    models = [ModelSpec(name="teacher", ref=distill.teacher, kind="teacher")]
-    for name, p in students.items():
-        models += student_model_specs(name, distilled[name].uri, p.method.student_steps)
+    student = run_stage(distill_flow, stage_deployments.distill, True, params=distill, curated=shards.uri, store_root=root)
+    s = distill.method.student_steps
+    models = [
+        ModelSpec(name="teacher", ref=distill.teacher, kind="teacher"),
+        # the reference protocol: DPM-Solver++ at the student's steps and half of them
+        ModelSpec(name="student", ref=student.uri, kind="student", steps=sorted({s // 2, s} - {0}, reverse=True)),
+        # as trained: first-order DDIM steps on the grid it was distilled on, at the steps it was distilled for
+        ModelSpec(name="student", ref=student.uri, kind="student", steps=[s], sampler="ddim"),
+    ]
     report = run_stage(evaluate_flow, stage_deployments.evaluate, True, models=models, params=evaluate,
                        toy_prompts=toy_eval_prompts, store_root=root)
     toy = None
