@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import sys
 from datetime import timedelta
 from typing import Callable
@@ -34,8 +35,9 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.sorting import LogSort
 
 # Engine bookkeeping that says nothing a stage line does not; the Prefect UI keeps every line.
-NOISE = ("Created task run", "Created subflow run", "Executing '", "Submitted task run",
-         "Opening process", "Completed submission", "Running set_working_directory", "Downloading flow code")
+NOISE = re.compile(r"Created task run|Created subflow run|Executing '|Submitted task run|Opening process|"
+                   r"Completed submission|Downloading flow code|Running \d+ deployment pull step|"
+                   r"Executing deployment step|Deployment step '|All deployment steps completed")
 # Logs reach the API in batches, from several processes: each poll looks this far back (lines are deduplicated).
 OVERLAP = timedelta(seconds=30)
 PAGE = 200
@@ -113,7 +115,7 @@ class RunLogs:
                 continue
             self._seen.add(log.id)
             self._newest = max(self._newest, log.timestamp) if self._newest else log.timestamp
-            if log.message.startswith(NOISE):
+            if NOISE.match(log.message):
                 continue
             flow = self.flow_names.get(log.flow_run_id, "?")
             text = describe(log.message, await self._task_name(log.task_run_id))

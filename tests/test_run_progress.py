@@ -64,7 +64,10 @@ def _watcher():
 
 
 def test_describe_names_the_task_and_the_cache_hit():
-    describe = _watcher().describe
+    watch_run = _watcher()
+    describe = watch_run.describe
+    assert watch_run.NOISE.match("Running 1 deployment pull step(s)")
+    assert not watch_run.NOISE.match("curate/download: 0/200 img2dataset shards 0/1")
     assert describe("Finished in state Cached(type=COMPLETED)", "curate-download-f22") == \
         "curate-download-f22: served from Prefect's cache (the stage is in the store)"
     assert describe("Finished in state Completed()", "distill-cache-1a2") == "distill-cache-1a2: finished in state Completed()"
