@@ -64,30 +64,30 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressRate:
-    """Items per second since the first report of the current count (a new ``total`` or a count that went
-    back starts over: a library call may report several loops through one callback), and when to log."""
+    """When to log a report, and the items per second since the last logged one (a training run that speeds
+    up once a competing process ends gets an honest ETA). A new ``total`` or a count that went back starts
+    over: a library call may report several loops through one callback."""
 
     def __init__(self, every_s: float = LOG_EVERY_S, clock: Callable[[], float] = time.monotonic):
         self.every_s = every_s
         self.clock = clock
-        self._start: tuple[float, int] | None = None
+        self._mark: tuple[float, int] | None = None  # (clock, done) at the last logged report
         self._total = None
         self._done = 0
-        self._logged = None  # clock at the last logged line
 
     def update(self, done: int, total: int) -> tuple[float | None, bool]:
         """Record a report; returns (items per second or None, whether to log this one)."""
         now = self.clock()
-        restart = self._start is None or total != self._total or done < self._done
+        restart = self._mark is None or total != self._total or done < self._done
         if restart:
-            self._start, self._total = (now, done), total
+            self._mark, self._total = (now, done), total
         self._done = done
-        t0, d0 = self._start
+        t0, d0 = self._mark
         rate = (done - d0) / (now - t0) if now > t0 and done > d0 else None
         last = bool(total) and done >= total
-        log = restart or last or self._logged is None or now - self._logged >= self.every_s
+        log = restart or last or now - t0 >= self.every_s
         if log:
-            self._logged = now
+            self._mark = (now, done)
         return rate, log
 
 

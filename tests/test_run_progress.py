@@ -56,6 +56,16 @@ def test_progress_rate_starts_over_on_a_new_count():
     assert rate.update(3, 3) == (1.0, True)  # the last item always logs
 
 
+def test_progress_rate_is_the_rate_since_the_last_line():
+    clock = FakeClock()
+    rate = ProgressRate(every_s=10.0, clock=clock)
+    rate.update(0, 1000)
+    clock.t += 10
+    assert rate.update(10, 1000) == (1.0, True)
+    clock.t += 10
+    assert rate.update(110, 1000) == (10.0, True)  # sped up: the ETA follows at once
+
+
 def _watcher():
     spec = importlib.util.spec_from_file_location("watch_run", ROOT / "scripts" / "watch_run.py")
     module = importlib.util.module_from_spec(spec)
