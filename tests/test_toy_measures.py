@@ -73,18 +73,25 @@ def test_generation_measures_read_real_scenes_back(tmp_path):
     assert generation_measures([{"model": "real", "steps": 0, "images": {"coco": str(folder)}}], prompts=wrong)[0]["attribute_accuracy"] < 0.8
 
 
-def test_paired_measures_rank_runs_by_closeness_to_the_teachers_most_steps_run(tmp_path):
-    """The reference is the teacher at its most steps; a copy of it scores RMSE 0 / agreement 1, a shuffled set less."""
+
+def _rendered_runs(tmp_path, n: int, seed: int, orders: dict) -> tuple[list[str], dict]:
+    """Prompts of ``n`` clean toy scenes and one folder of their renders per named order (a fake model run)."""
     from sd_distill.toy.world import caption_for, make_samples, render_scene
 
-    samples = make_samples(10, seed=6, bad_fraction=0.0)
-    prompts = [caption_for(s.truth) for s in samples]
+    samples = make_samples(n, seed=seed, bad_fraction=0.0)
     folders = {}
-    for name, order in {"ref": range(10), "copy": range(10), "shuffled": [(i + 3) % 10 for i in range(10)]}.items():
+    for name, order in orders.items():
         folders[name] = tmp_path / name
         folders[name].mkdir()
         for i, j in enumerate(order):
             render_scene(samples[j].truth, 32, np.random.default_rng(j)).save(folders[name] / f"{i:05d}.png")
+    return [caption_for(s.truth) for s in samples], folders
+
+
+def test_paired_measures_rank_runs_by_closeness_to_the_teachers_most_steps_run(tmp_path):
+    """The reference is the teacher at its most steps; a copy of it scores RMSE 0 / agreement 1, a shuffled set less."""
+    prompts, folders = _rendered_runs(tmp_path, 10, 6, {"ref": range(10), "copy": range(10),
+                                                        "shuffled": [(i + 3) % 10 for i in range(10)]})
     records = [{"model": "teacher", "kind": "teacher", "steps": 20, "images": {"coco": str(folders["ref"])}},
                {"model": "teacher", "kind": "teacher", "steps": 8, "images": {"coco": str(folders["shuffled"])}},
                {"model": "student", "kind": "student", "steps": 8, "images": {"coco": str(folders["copy"])}}]
@@ -99,16 +106,8 @@ def test_toy_measures_carry_intervals_and_students_are_paired_with_each_teacher_
     """A student that copies the reference beats a shuffled teacher run on closeness by its interval, not by luck."""
     from sd_distill.summary import toy_lines
     from sd_distill.toy.measures import generation_differences
-    from sd_distill.toy.world import caption_for, make_samples, render_scene
 
-    samples = make_samples(12, seed=7, bad_fraction=0.0)
-    prompts = [caption_for(s.truth) for s in samples]
-    folders = {}
-    for name, order in {"ref": range(12), "shuffled": [(i + 5) % 12 for i in range(12)]}.items():
-        folders[name] = tmp_path / name
-        folders[name].mkdir()
-        for i, j in enumerate(order):
-            render_scene(samples[j].truth, 32, np.random.default_rng(j)).save(folders[name] / f"{i:05d}.png")
+    prompts, folders = _rendered_runs(tmp_path, 12, 7, {"ref": range(12), "shuffled": [(i + 5) % 12 for i in range(12)]})
     records = [{"model": "teacher", "kind": "teacher", "steps": 20, "images": {"coco": str(folders["ref"])}},
                {"model": "teacher", "kind": "teacher", "steps": 8, "images": {"coco": str(folders["shuffled"])}},
                {"model": "student", "kind": "student", "steps": 8, "sampler": "ddim",
