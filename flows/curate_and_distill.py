@@ -32,8 +32,8 @@ from flows.distill import distill as distill_flow
 from flows.evaluate import TOY_EVAL_PROMPTS
 from flows.evaluate import evaluate as evaluate_flow
 from sd_distill.curate.config import CurateParams
-from sd_distill.distill.config import DistillParams
-from sd_distill.evaluate.config import EvaluateParams, ModelSpec
+from sd_distill.distill.config import DistillParams, check_extra_students
+from sd_distill.evaluate.config import EvaluateParams, ModelSpec, student_model_specs
 from sd_distill.store import Manifest
 from sd_distill.summary import run_summary
 from tasks._artifacts import publish_markdown
@@ -61,6 +61,8 @@ def _jsonable(value: Any) -> Any:
         return value.model_dump(mode="json")
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
     return value
 
 
@@ -85,22 +87,25 @@ def curate_and_distill(
     toy_eval_prompts: int = TOY_EVAL_PROMPTS,
     store_root: str = "",
     stage_deployments: StageDeployments = StageDeployments(),
+    extra_students: dict[str, DistillParams] = {},
 ) -> str:
-    """curate -> distill -> evaluate; ``evaluate=None`` evaluates on ``toy_eval_prompts`` held-out toy prompts."""
+    """curate -> distill -> evaluate; ``evaluate=None`` evaluates on ``toy_eval_prompts`` held-out toy prompts.
+
+    ``extra_students`` (name -> DistillParams, same teacher) distils more students from the same curated set, each
+    its own cached distill stages (the latent cache is shared when the data settings match), all in one report."""
+    check_extra_students(distill, extra_students)
     root = resolve_store_root(store_root)
     # every model and file the inline stages need, checked before any of them runs
     preflight(None if stage_deployments.curate else curate, None if stage_deployments.distill else distill,
               None if stage_deployments.evaluate else evaluate)
     shards = run_stage(curate_flow, stage_deployments.curate, False, params=curate, store_root=root)
-    student = run_stage(distill_flow, stage_deployments.distill, True, params=distill, curated=shards.uri, store_root=root)
-    s = distill.method.student_steps
-    models = [
-        ModelSpec(name="teacher", ref=distill.teacher, kind="teacher"),
-        # the reference protocol: DPM-Solver++ at the student's steps and half of them
-        ModelSpec(name="student", ref=student.uri, kind="student", steps=sorted({s // 2, s} - {0}, reverse=True)),
-        # as trained: first-order DDIM steps on the grid it was distilled on, at the steps it was distilled for
-        ModelSpec(name="student", ref=student.uri, kind="student", steps=[s], sampler="ddim"),
-    ]
+    students = {"student": distill, **extra_students}
+    distilled = {name: run_stage(distill_flow, stage_deployments.distill, True, params=p, curated=shards.uri,
+                                 store_root=root) for name, p in students.items()}
+    student = distilled["student"]
+    models = [ModelSpec(name="teacher", ref=distill.teacher, kind="teacher")]
+    for name, p in students.items():
+        models += student_model_specs(name, distilled[name].uri, p.method.student_steps)
     report = run_stage(evaluate_flow, stage_deployments.evaluate, True, models=models, params=evaluate,
                        toy_prompts=toy_eval_prompts, store_root=root)
     toy = None
@@ -117,7 +122,7 @@ def curate_and_distill(
 def load_run_file(path: str | Path) -> dict[str, Any]:
     """A whole run in one YAML / JSON file, validated against the flow's parameter models.
 
-    Keys: curate, distill, evaluate, store_root, stage_deployments (all optional). Unknown keys and
+    Keys: curate, distill, evaluate, store_root, stage_deployments, extra_students (all optional). Unknown keys and
     invalid values fail here, naming the field, before anything runs.
     """
     import yaml
@@ -127,14 +132,21 @@ def load_run_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a run file holds a mapping of curate/distill/evaluate/store_root/stage_deployments")
     known = {"curate": CurateParams, "distill": DistillParams, "evaluate": EvaluateParams,
-             "stage_deployments": StageDeployments, "store_root": str, "toy_eval_prompts": int}
+             "stage_deployments": StageDeployments, "store_root": str, "toy_eval_prompts": int,
+             "extra_students": dict}
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; valid: {sorted(known)}")
     params: dict[str, Any] = {}
     for key, value in raw.items():
         model = known[key]
-        params[key] = model(value) if model in (str, int) else model.model_validate(value or {})
+        if model is dict:  # extra_students: name -> DistillParams
+            if not isinstance(value or {}, dict):
+                raise ValueError(f"{path}: extra_students maps a student name to its distill parameters")
+            params[key] = {name: DistillParams.model_validate(v or {}) for name, v in (value or {}).items()}
+        else:
+            params[key] = model(value) if model in (str, int) else model.model_validate(value or {})
+    check_extra_students(params.get("distill", DistillParams()), params.get("extra_students", {}))
     return params
 
 

@@ -36,3 +36,22 @@ def test_print_params_gives_json_for_prefect_deployment_run(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["distill"]["method"]["student_steps"] == 8
     assert printed["stage_deployments"]["distill"] == "distill/gpu"
+
+
+def test_extra_students_from_a_run_file_share_the_teacher_and_get_their_own_rows(tmp_path):
+    from sd_distill.evaluate.config import student_model_specs
+
+    run = tmp_path / "run.yaml"
+    run.write_text("distill: {teacher: toy:sd}\n"
+                   "extra_students:\n  student-bk: {teacher: toy:sd, method: {student_arch: bk-small}}\n")
+    params = load_run_file(run)
+    assert params["extra_students"]["student-bk"].method.student_arch == "bk-small"
+    rows = student_model_specs("student-bk", "/store/distill/student/k", 8)
+    assert [(r.name, r.sampler, r.steps) for r in rows] == [("student-bk", "dpmsolver++", [8, 4]),
+                                                           ("student-bk", "ddim", [8])]
+    run.write_text("extra_students:\n  student-bk: {teacher: /other/teacher}\n")
+    with pytest.raises(ValueError, match="compared with the one teacher"):
+        load_run_file(run)
+    run.write_text("extra_students:\n  teacher: {}\n")
+    with pytest.raises(ValueError, match="extra student name 'teacher'"):
+        load_run_file(run)

@@ -120,7 +120,9 @@ def test_whole_dag_on_s3_store_and_s3_result_storage_then_cached_rerun(s3, prefe
                      ).save("cad-results", overwrite=True)
     params = dict(curate=CurateParams.model_validate({"sources": [{"kind": "toy", "toy_n": 32}]}),
                   distill=DistillParams.model_validate({"trainer": {"max_steps": 4}}),
-                  toy_eval_prompts=4, store_root="s3://cad/dag")
+                  toy_eval_prompts=4, store_root="s3://cad/dag",
+                  # a second student from the same curated set: its own phase and student stages, the cache shared
+                  extra_students={"student-lr": DistillParams.model_validate({"trainer": {"max_steps": 4, "lr": 1e-5}})})
     with temporary_settings({PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK: "remote-file-system/cad-results"}):
         summary = curate_and_distill(**params)
         fs = _bucket()
@@ -129,7 +131,12 @@ def test_whole_dag_on_s3_store_and_s3_result_storage_then_cached_rerun(s3, prefe
         assert {"curate/sources", "curate/download", "curate/score", "curate/caption", "curate/shards",
                 "distill/cache", "distill/phase-cfg-aware-16-8", "distill/student", "evaluate/toy-prompts",
                 "evaluate/model-teacher", "evaluate/model-student", "evaluate/model-student-ddim",
-                "evaluate/report"} <= stages, stages
+                "evaluate/report", "evaluate/model-student-lr", "evaluate/model-student-lr-ddim"} <= stages, stages
+        def count(stage):
+            return sum(p.split("/")[2:-2] == stage.split("/") for p in manifests)
+
+        assert (count("distill/cache"), count("distill/phase-cfg-aware-16-8"), count("distill/student")) == (1, 2, 2)
+        assert "| student-lr |" in summary
         assert "s3://cad/dag/distill/student/" in summary and "Toy world" in summary
         assert fs.cat("cad/dag/latest-summary.md").decode() == summary
         assert fs.ls("cad/results"), "Prefect results were not written to the S3 block"

@@ -7,6 +7,8 @@ mixed_precision: "bf16", gradient_checkpointing: true, ema_decay: 0.9999, checkp
 
 from __future__ import annotations
 
+import re
+
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -74,3 +76,18 @@ class DistillParams(BaseModel):
     method: MethodConfig = Field(default_factory=MethodConfig)  # distillation method (its defaults: MethodConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)  # optimisation and the training loop's hooks
     data: DataConfig = Field(default_factory=DataConfig)  # latent cache built from the curated shards
+
+
+RESERVED_STUDENT_NAMES = ("teacher", "student")
+
+
+def check_extra_students(main: DistillParams, extra: dict[str, DistillParams]) -> None:
+    """More students from the same curated set (e.g. a BK-SDM block-removed one beside the same-architecture one):
+    each name labels its report rows and image folders, and all of them are compared with the one teacher."""
+    for name, params in extra.items():
+        if name in RESERVED_STUDENT_NAMES or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+            raise ValueError(f"extra student name {name!r}: use letters, digits, '-', '_', '.', and not "
+                             f"{list(RESERVED_STUDENT_NAMES)}")
+        if params.teacher != main.teacher:
+            raise ValueError(f"extra student {name!r} distils {params.teacher!r} but the run's teacher is "
+                             f"{main.teacher!r}: every student of a run is compared with the one teacher")

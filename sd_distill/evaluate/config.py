@@ -46,6 +46,14 @@ class ModelSpec(_Params):
         return v
 
 
+def student_model_specs(name: str, ref: str, student_steps: int) -> list[ModelSpec]:
+    """The rows a distilled student gets in the report: the reference protocol (DPM-Solver++ at the steps it was
+    distilled for and half of them) and as it was trained (first-order DDIM on its distillation grid, at its steps)."""
+    return [ModelSpec(name=name, ref=ref, kind="student", steps=sorted({student_steps // 2, student_steps} - {0},
+                                                                       reverse=True)),
+            ModelSpec(name=name, ref=ref, kind="student", steps=[student_steps], sampler="ddim")]
+
+
 class EvaluateParams(_Params):
     """Everything the evaluate stage needs besides the models and the output folder."""
 
