@@ -17,11 +17,11 @@ from sd_distill.curate.config import CurateParams
 from sd_distill.distill.config import DistillParams
 from sd_distill.distill.teacher import check_teacher_folder
 from sd_distill.evaluate.config import EvaluateParams
+from sd_distill.evaluate.metrics.features import INCEPTION_REF
 from sd_distill.modelref import allow_download, hub_kwargs, resolve_model_ref
 from sd_distill.scoring.hps import HPS_FILES
 from sd_distill.scoring.openclip import CHECKPOINT_SUFFIXES, CONFIG_FILE
 
-INCEPTION_REF = "inception-v3-fid"
 NOT_CACHED = ("a hub id that is not in the local Hugging Face cache (downloads are off: set SD_DISTILL_ALLOW_DOWNLOAD=1, "
               "or download it first and give its folder; docs/real-weights.md)")
 

@@ -50,7 +50,7 @@ TOY_FORMATS = {
 
 def toy_source_specs(spec: SourceSpec, out_dir: Path) -> list[SourceSpec]:
     """Generate the toy world into ``out_dir/toy`` and describe each file it wrote as a real source."""
-    from sd_distill.toy.world import make_toy_sources
+    from sd_distill.toy.sources import make_toy_sources
 
     root = Path(out_dir) / "toy"
     paths = make_toy_sources(

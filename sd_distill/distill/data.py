@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from sd_distill.distill.teacher import encode_negative, encode_prompts, load_teacher, native_resolution
 from sd_distill.progress import ProgressFn, report
 
 CACHE_FORMAT = "sd_distill.latent_cache/1"
@@ -96,12 +97,6 @@ def encode_pixels(vae, pixels_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.
     return ((dist.mean - shift) * scale).float(), (dist.std * scale).float()
 
 
-def native_resolution(teacher) -> int:
-    """The teacher's training resolution: UNet sample_size x the VAE's downsampling factor."""
-    factor = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
-    return int(teacher.unet.config.sample_size) * factor
-
-
 def build_latent_cache(
     teacher_ref: str,
     curated_dir: str | Path,
@@ -119,7 +114,6 @@ def build_latent_cache(
     device: Optional[str] = None,
 ) -> dict:
     """Encode the curated shards once with the teacher's VAE and text encoder; returns the cache's counts."""
-    from sd_distill.distill.teacher import encode_negative, encode_prompts, load_teacher
 
     if dtype not in DTYPES:
         raise ValueError(f"cache dtype {dtype!r} is not one of {sorted(DTYPES)}")

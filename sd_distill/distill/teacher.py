@@ -212,10 +212,14 @@ def encode_negative(teacher: Teacher, negative_prompt: str = "", resolution: Opt
     return encoded
 
 
+def native_resolution(teacher) -> int:
+    """The teacher's training resolution: UNet sample_size x the VAE's downsampling factor."""
+    factor = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    return int(teacher.unet.config.sample_size) * factor
+
+
 def sdxl_time_ids(teacher: Teacher, n: int, resolution: Optional[int] = None, like: Optional[Tensor] = None) -> Tensor:
     """SDXL micro-conditioning ``[n, 6]`` = (original h, w, crop top, left, target h, w) = (R, R, 0, 0, R, R)."""
-    from sd_distill.distill.data import native_resolution
-
     r = float(resolution or native_resolution(teacher))
     ids = torch.tensor([[r, r, 0.0, 0.0, r, r]])
     if like is not None:

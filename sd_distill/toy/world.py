@@ -308,6 +308,3 @@ def caption_accuracy(captions: Sequence[str], truths: Iterable[Mapping | str]) -
         raise ValueError("caption_accuracy of an empty list")
     return float(np.mean([caption_score(c, t) for c, t in zip(captions, truths)]))
 
-
-# the writers live in sources.py (kept apart for file size); importable from here too
-from sd_distill.toy.sources import make_eval_prompts, make_toy_sources  # noqa: E402,F401
