@@ -26,15 +26,6 @@ _FOLDERS: dict[str, Path] = {}
 _TEACHERS: dict[str, object] = {}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Two shared cores: one intra-op thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def pretrain_sdxl_unet(unet, prediction_type: str, cond, uncond, steps: int = 120, lr: float = 2e-3, seed: int = 0):
     """The SD teachers' short denoising pre-training (``pretrain_unet``), fed through the TextCond path the
     methods use."""

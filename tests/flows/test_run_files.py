@@ -1,0 +1,57 @@
+"""Run files (configs/*.yaml) validate against the flow's parameter models; bad ones fail naming the field."""
+
+from pathlib import Path
+
+import pytest
+
+from flows.curate_and_distill import load_run_file, main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_run_files_validate(path):
+    params = load_run_file(path)
+    assert "distill" in params or "curate" in params
+
+
+def test_unknown_top_level_key_is_named(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("curate: {}\ndistil: {}\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['distil'\]"):
+        load_run_file(bad)
+
+
+def test_invalid_field_fails_before_anything_runs(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("distill:\n  method: {kind: magic}\n")
+    with pytest.raises(Exception, match="kind"):
+        load_run_file(bad)
+
+
+def test_print_params_gives_json_for_prefect_deployment_run(tmp_path, capsys):
+    import json
+
+    main(["--config", str(CONFIGS[0]), "--print-params"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["distill"]["method"]["student_steps"] == 8
+    assert printed["stage_deployments"]["distill"] == "distill/gpu"
+
+
+def test_extra_students_from_a_run_file_share_the_teacher_and_get_their_own_rows(tmp_path):
+    from sd_distill.evaluate.config import student_model_specs
+
+    run = tmp_path / "run.yaml"
+    run.write_text("distill: {teacher: toy:sd}\n"
+                   "extra_students:\n  student-bk: {teacher: toy:sd, method: {student_arch: bk-small}}\n")
+    params = load_run_file(run)
+    assert params["extra_students"]["student-bk"].method.student_arch == "bk-small"
+    rows = student_model_specs("student-bk", "/store/distill/student/k", 8)
+    assert [(r.name, r.sampler, r.steps) for r in rows] == [("student-bk", "dpmsolver++", [8, 4]),
+                                                           ("student-bk", "ddim", [8])]
+    run.write_text("extra_students:\n  student-bk: {teacher: /other/teacher}\n")
+    with pytest.raises(ValueError, match="compared with the one teacher"):
+        load_run_file(run)
+    run.write_text("extra_students:\n  teacher: {}\n")
+    with pytest.raises(ValueError, match="extra student name 'teacher'"):
+        load_run_file(run)
