@@ -6,9 +6,18 @@ import os
 from pathlib import Path
 
 # Flow runs log what matters; library load bars and deprecation chatter would drown it.
-for _var, _value in {"DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error",
-                     "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(_var, _value)
+QUIET_LIBRARIES = {"DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error",
+                   "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def quiet_library_environment() -> None:
+    """Quiet defaults for diffusers, transformers, the hub and tokenizers (a variable already set wins).
+
+    Every flow calls it first, before any stage imports those libraries (they read the variables at import);
+    training and evaluation subprocesses inherit the variables.
+    """
+    for var, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(var, value)
 
 
 # An inline run (``python -m flows.<flow>``) starts its own temporary Prefect server; on a busy machine its
@@ -23,6 +32,7 @@ def inline_run_environment() -> None:
     the environment at import. The temporary server and the training subprocesses inherit the variables.
     A variable already set wins; models download only with ``SD_DISTILL_ALLOW_DOWNLOAD=1``.
     """
+    quiet_library_environment()
     defaults = {
         "DO_NOT_TRACK": "1",  # Prefect's SDK telemetry
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # the server's startup telemetry

@@ -19,7 +19,7 @@ from prefect import flow
 from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._common import resolve_store_root
+from flows._common import quiet_library_environment, resolve_store_root
 from sd_distill.curate.config import CurateParams
 from sd_distill.curate.partitions import partition_labels
 from sd_distill.store import Manifest
@@ -76,6 +76,7 @@ def curate_partitions(params: CurateParams, sources: Manifest, store_root: str) 
 @flow(name="curate", persist_result=True, log_prints=True)
 def curate(params: CurateParams = CurateParams(), store_root: str = "") -> Manifest:
     """Build the curated image-text set; returns the manifest of the shards stage."""
+    quiet_library_environment()
     root = resolve_store_root(store_root)
     sources = t.collect_sources(params, [], root)
     if params.partitions > 1:

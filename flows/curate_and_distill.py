@@ -17,38 +17,27 @@ if __name__ == "__main__":  # the inline entry point: its offline defaults must 
     inline_run_environment()
 
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any, Optional
 
 import fsspec
 from prefect import flow, get_run_logger
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
-from flows._common import inline_run_environment, resolve_store_root
+from flows._common import inline_run_environment, quiet_library_environment, resolve_store_root
 from flows.curate import curate as curate_flow
 from flows.distill import distill as distill_flow
-from flows.evaluate import TOY_EVAL_PROMPTS
 from flows.evaluate import evaluate as evaluate_flow
 from sd_distill.curate.config import CurateParams
 from sd_distill.distill.config import DistillParams, check_extra_students
-from sd_distill.evaluate.config import EvaluateParams, ModelSpec, student_model_specs
+from sd_distill.evaluate.config import TOY_EVAL_PROMPTS, EvaluateParams, ModelSpec, student_model_specs
+from sd_distill.runfile import StageDeployments, load_run_file
 from sd_distill.store import Manifest
 from sd_distill.summary import run_summary
 from tasks._artifacts import publish_markdown
 from tasks.evaluate import toy_world_measures
 from tasks.preflight import preflight
-
-
-class StageDeployments(BaseModel):
-    """Where each stage runs: None = inline in this flow run; "<flow>/<deployment>" = its own deployment."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    curate: Optional[str] = None  # e.g. "curate/default" on a CPU pool
-    distill: Optional[str] = None  # e.g. "distill/gpu" on a GPU pool (deploy/prefect.yaml)
-    evaluate: Optional[str] = None  # e.g. "evaluate/gpu"
 
 
 # GPU stages take a slot of this global concurrency limit (`prefect gcl create gpu --limit 1` per GPU box);
@@ -93,6 +82,7 @@ def curate_and_distill(
 
     ``extra_students`` (name -> DistillParams, same teacher) distils more students from the same curated set, each
     its own cached distill stages (the latent cache is shared when the data settings match), all in one report."""
+    quiet_library_environment()
     check_extra_students(distill, extra_students)
     root = resolve_store_root(store_root)
     # every model and file the inline stages need, checked before any of them runs
@@ -117,37 +107,6 @@ def curate_and_distill(
     publish_markdown(summary, "run-summary", "curate-and-distill: counts, scores, the results table, where the files are")
     print(summary)
     return summary
-
-
-def load_run_file(path: str | Path) -> dict[str, Any]:
-    """A whole run in one YAML / JSON file, validated against the flow's parameter models.
-
-    Keys: curate, distill, evaluate, store_root, stage_deployments, extra_students (all optional). Unknown keys and
-    invalid values fail here, naming the field, before anything runs.
-    """
-    import yaml
-
-    text = Path(path).read_text()
-    raw = yaml.safe_load(text) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a run file holds a mapping of curate/distill/evaluate/store_root/stage_deployments")
-    known = {"curate": CurateParams, "distill": DistillParams, "evaluate": EvaluateParams,
-             "stage_deployments": StageDeployments, "store_root": str, "toy_eval_prompts": int,
-             "extra_students": dict}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; valid: {sorted(known)}")
-    params: dict[str, Any] = {}
-    for key, value in raw.items():
-        model = known[key]
-        if model is dict:  # extra_students: name -> DistillParams
-            if not isinstance(value or {}, dict):
-                raise ValueError(f"{path}: extra_students maps a student name to its distill parameters")
-            params[key] = {name: DistillParams.model_validate(v or {}) for name, v in (value or {}).items()}
-        else:
-            params[key] = model(value) if model in (str, int) else model.model_validate(value or {})
-    check_extra_students(params.get("distill", DistillParams()), params.get("extra_students", {}))
-    return params
 
 
 def main(argv: list[str] | None = None) -> None:

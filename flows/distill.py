@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows._common import curated_manifest, resolve_store_root
+from flows._common import curated_manifest, quiet_library_environment, resolve_store_root
 from sd_distill.distill.config import DistillParams
 from sd_distill.distill.methods import plan_phases
 from sd_distill.store import Manifest
@@ -22,6 +22,7 @@ from tasks import distill as t
 @flow(name="distill", persist_result=True, log_prints=True)
 def distill(params: DistillParams = DistillParams(), curated: str = "latest", store_root: str = "") -> Manifest:
     """Distill ``params.teacher`` on a curated stage folder (``latest`` = newest in the store)."""
+    quiet_library_environment()
     root = resolve_store_root(store_root)
     shards = curated_manifest(curated, root)
     cache = t.build_latent_cache(params, [shards], root)

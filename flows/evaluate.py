@@ -15,27 +15,11 @@ from typing import Optional
 
 from prefect import flow
 
-from flows._common import resolve_store_root
-from sd_distill.evaluate.config import EvaluateParams, ModelSpec, toy_evaluate_params
+from flows._common import quiet_library_environment, resolve_store_root
+from sd_distill.evaluate.config import (TOY_EVAL_PROMPTS, EvaluateParams, ModelSpec, toy_evaluate_params,
+                                       toy_prompt_spec)
 from sd_distill.store import Manifest
 from tasks import evaluate as t
-
-# The toy world's held-out prompts come from their own random stream (seed 1000; training data uses 0).
-TOY_PROMPT_SEED = 1000
-# The toy evaluation size: 300 COCO-style prompts and 75 per HPSv2 style. Between the toy teacher's 8- and
-# 20-step runs the paired 95% intervals over 300 prompts are about +-1.4 CLIP, +-8 FID and +-0.36 IS wide, so
-# differences of that size or more are decided (the 4-step student's CLIP drop of about 4 is; a 0.3 is not);
-# halving the widths would take 4x the prompts, past the demo's 10 minutes on 2 cores (this: about 2.5 min).
-TOY_EVAL_PROMPTS = 300
-
-
-def toy_params(prompts: Manifest, **overrides) -> EvaluateParams:
-    """EvaluateParams for the toy world, pointing at a toy prompt stage."""
-    root = prompts.path
-    return toy_evaluate_params(
-        str(root), coco_captions=str(root / "coco" / "annotations" / "captions_val2017.json"),
-        coco_images=str(root / "coco" / "val2017"), hpsv2_benchmark=str(root / "hps_benchmark"), **overrides,
-    )
 
 
 @flow(name="evaluate", persist_result=True, log_prints=True)
@@ -47,10 +31,10 @@ def evaluate(
 ) -> Manifest:
     """Evaluate ``models``; ``params=None`` means the embedded toy world: ``toy_prompts`` held-out
     COCO-style prompts (and a quarter as many per HPSv2 style) with the toy metric models."""
+    quiet_library_environment()
     root = resolve_store_root(store_root)
     if params is None:
-        spec = {"n": toy_prompts, "seed": TOY_PROMPT_SEED, "per_style": max(1, toy_prompts // 4)}
-        params = toy_params(t.toy_prompts(spec, [], root))
+        params = toy_evaluate_params(str(t.toy_prompts(toy_prompt_spec(toy_prompts), [], root).path))
     per_model = [t.evaluate_model((params, m), [], root, suffix=m.name if m.sampler == "dpmsolver++" else
                                   f"{m.name}-{m.sampler}") for m in models]
     report = t.build_report(params, per_model, root)

@@ -102,6 +102,15 @@ class Manifest:
             return cached_copy(self)
         return Path(self.uri.removeprefix("file://"))
 
+    def upstream_key(self, stage: str) -> str:
+        """The key of the one upstream stage named ``stage``; an error naming the upstream stages otherwise."""
+        keys = [u["key"] for u in self.upstream if u.get("stage") == stage]
+        if len(keys) != 1:
+            found = [u.get("stage") for u in self.upstream]
+            raise ValueError(f"{self.stage}/{self.key} has {len(keys)} upstream stages named {stage!r}, "
+                             f"expected one; its upstream: {found}")
+        return keys[0]
+
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
-from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -12,7 +10,11 @@ from prefect.artifacts import create_table_artifact
 from sd_distill.evaluate import report as report_lib
 from sd_distill.evaluate import run as lib
 from sd_distill.evaluate.guidance import guidance_outside_training
+from sd_distill.evaluate.prompts import load_coco_prompts
+from sd_distill.evaluate.records import RECORDS_FILE, load_model_records, read_records, write_model_records
 from sd_distill.modelref import model_fingerprint
+from sd_distill.store import StageStore, load_manifest
+from sd_distill.toy.measures import curation_measures, generation_differences, generation_measures
 from sd_distill.toy.sources import make_eval_prompts
 from tasks._artifacts import publish_image, publish_markdown
 from tasks._stage import stage_task
@@ -48,27 +50,10 @@ def evaluate_model(params, upstream, store_root, suffix):
         if note:
             get_run_logger().warning(note)
         records = lib.model_records(eval_params, [model], out, progress)
-        (out / "records.json").write_text(json.dumps(_relative(records, out), indent=1))
+        write_model_records(records, out)
         return {"rows": len(records)}
 
     return fn
-
-
-def _relative(records: list[dict], base: Path) -> list[dict]:
-    """Image folders relative to the stage folder (it is renamed into place after it is written)."""
-    rows = []
-    for r in records:
-        r = dict(r)
-        r["images"] = {k: str(Path(v).relative_to(base)) for k, v in r.get("images", {}).items()}
-        rows.append(r)
-    return rows
-
-
-def load_records(manifest) -> list[dict]:
-    records = json.loads((manifest.path / "records.json").read_text())
-    for r in records:
-        r["images"] = {k: str(manifest.path / v) for k, v in r["images"].items()}
-    return records
 
 
 @stage_task("evaluate/report", key_of=lambda p: p, description="evaluate: report")
@@ -76,9 +61,7 @@ def build_report(params, upstream, store_root):
     """The results table (md / csv / json), image grids and metric plots over every model stage."""
 
     def fn(out, inputs, progress):
-        from sd_distill.store import load_manifest
-
-        records = [r for folder in inputs for r in load_records(load_manifest(folder))]
+        records = [r for folder in inputs for r in load_model_records(load_manifest(folder).path)]
         summary = report_lib.build_report(params, records, out)
         return {"rows": summary["rows"]}
 
@@ -110,16 +93,12 @@ def publish_report(manifest) -> str:
 def toy_world_measures(shards, report, store_root: str) -> dict:
     """The toy world's checks against ground truth: the HPS filter vs planted bad pairs, caption accuracy,
     attribute accuracy of every model x steps' generations."""
-    from sd_distill.evaluate.prompts import load_coco_prompts
-    from sd_distill.store import StageStore
-    from sd_distill.toy.measures import curation_measures, generation_differences, generation_measures
-
     store = StageStore(store_root)
-    sources = store.find("curate/sources", shards.upstream[0]["key"])
+    sources = store.find("curate/sources", shards.upstream_key("curate/sources"))
     measures = {"curation": curation_measures(sources.path, shards.path)}
     params = report.params
     prompts = load_coco_prompts(params["coco_captions"], params["coco_images"], params["max_coco_prompts"]).prompts
-    records = json.loads((report.path / "records.json").read_text())
+    records = read_records(report.path / RECORDS_FILE)
     boot = {"bootstrap_samples": params.get("bootstrap_samples", 1000), "bootstrap_seed": params.get("bootstrap_seed", 0),
             "level": params.get("confidence", 0.95)}
     rows = generation_measures(records, prompts=prompts, **boot)

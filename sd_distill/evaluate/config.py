@@ -8,6 +8,7 @@ images (FID, IS, CLIP score) and on the HPSv2 benchmark's four styles (HPSv2 sco
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -46,11 +47,16 @@ class ModelSpec(_Params):
         return v
 
 
+def student_eval_steps(student_steps: int) -> list[int]:
+    """DPM-Solver++ step counts a student is evaluated at: the steps it was distilled for and half of them
+    (half left out when it is 0), most steps first."""
+    return sorted({student_steps // 2, student_steps} - {0}, reverse=True)
+
+
 def student_model_specs(name: str, ref: str, student_steps: int) -> list[ModelSpec]:
-    """The rows a distilled student gets in the report: the reference protocol (DPM-Solver++ at the steps it was
-    distilled for and half of them) and as it was trained (first-order DDIM on its distillation grid, at its steps)."""
-    return [ModelSpec(name=name, ref=ref, kind="student", steps=sorted({student_steps // 2, student_steps} - {0},
-                                                                       reverse=True)),
+    """The rows a distilled student gets in the report: the reference protocol (DPM-Solver++ at
+    ``student_eval_steps``) and as it was trained (first-order DDIM on its distillation grid, at its steps)."""
+    return [ModelSpec(name=name, ref=ref, kind="student", steps=student_eval_steps(student_steps)),
             ModelSpec(name=name, ref=ref, kind="student", steps=[student_steps], sampler="ddim")]
 
 
@@ -144,14 +150,27 @@ class EvaluateParams(_Params):
         return min(self.fid_bootstrap_samples or self.bootstrap_samples, self.bootstrap_samples)
 
 
+# The toy world's held-out prompts come from their own random stream (seed 1000; training data uses 0).
+TOY_PROMPT_SEED = 1000
+# The toy evaluation size: 300 COCO-style prompts and 75 per HPSv2 style. Between the toy teacher's 8- and
+# 20-step runs the paired 95% intervals over 300 prompts are about +-1.4 CLIP, +-8 FID and +-0.36 IS wide, so
+# differences of that size or more are decided (the 4-step student's CLIP drop of about 4 is; a 0.3 is not);
+# halving the widths would take 4x the prompts, past the demo's 10 minutes on 2 cores (this: about 2.5 min).
+TOY_EVAL_PROMPTS = 300
+
+
+def toy_prompt_spec(n: int = TOY_EVAL_PROMPTS) -> dict:
+    """What ``sd_distill.toy.sources.make_eval_prompts`` is called with for ``n`` held-out COCO-style prompts:
+    ``n``, the held-out seed and a quarter as many prompts per HPSv2 style."""
+    return {"n": n, "seed": TOY_PROMPT_SEED, "per_style": max(1, n // 4)}
+
+
 def toy_evaluate_params(prompts_dir: str, **overrides) -> EvaluateParams:
     """The embedded toy-world variant: 32 px, toy feature extractor / scorer, prompts from make_eval_prompts.
 
     ``prompts_dir`` is the folder ``sd_distill.toy.sources.make_eval_prompts`` wrote
     (``coco/annotations/captions_val2017.json``, ``coco/val2017/``, ``hps_benchmark/<style>.json``).
     """
-    from pathlib import Path
-
     root = Path(prompts_dir)
     values = dict(
         resolution=32,

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.curate_and_distill import load_run_file, main
+from flows.curate_and_distill import main
+from sd_distill.runfile import load_run_file
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
