@@ -189,7 +189,9 @@ def test_trajectory_states_follow_a_stock_ddim_scheduler_with_cfg(load_tiny_teac
                     [uncond[row:row + 1], cond[row:row + 1]])).sample
             out_u, out_c = out.chunk(2)
             z = scheduler.step(out_u + guidance[row] * (out_c - out_u), step_t, z).prev_sample
-        torch.testing.assert_close(got[row:row + 1], z, rtol=1e-4, atol=1e-5)
+        # fp32 rounding differs between a batch of 4 and a batch of 1 (kernel choice depends on the batch, and on
+        # the torch version), and guidance up to 7.5 amplifies it over three steps: 2e-5 seen, 1e-4 allowed
+        torch.testing.assert_close(got[row:row + 1], z, rtol=1e-4, atol=1e-4)
     assert torch.equal(got[1], noise[1])  # the grid's first time is the noise itself
 
 
