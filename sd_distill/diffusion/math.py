@@ -18,8 +18,9 @@ Guidance convention. :func:`cfg_combine` uses the diffusers / LCM form
 Imagen / Meng et al. 2023 write ``(1 + w) cond - w uncond``; the two agree for ``w = s - 1``. A stock
 ``StableDiffusionPipeline`` whose UNet has ``time_cond_proj_dim`` set skips CFG and feeds
 ``guidance_embedding(guidance_scale - 1)`` as ``timestep_cond``: a w-conditioned student is therefore trained
-with the embedding of ``w = s - 1`` against the teacher's ``cfg_combine(.., s)``, and ``guidance_scale=7.5``
-means the same thing for teacher and student.
+with the embedding of ``w = imagen_w(s) = s - 1`` against the teacher's ``cfg_combine(.., s)``, and
+``guidance_scale=7.5`` means the same thing for teacher and student. In code s is always ``guidance_scale`` and
+Imagen's w always comes from :func:`imagen_w`; ``sigma`` / ``sigma_t`` are the noise levels.
 """
 
 from __future__ import annotations
@@ -153,12 +154,13 @@ def ddim_endpoint_scale(alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma
     return alpha_s - (sigma_s / sigma_t) * alpha_t
 
 
-def cfg_combine(cond: Tensor, uncond: Tensor, scale: Tensor | float) -> Tensor:
-    """Classifier-free guidance, diffusers/LCM form: uncond + s (cond - uncond) (Ho & Salimans 2021, eq. 6 with
-    w_imagen = s - 1: (1 + w) cond - w uncond). ``scale`` is a float or a tensor broadcastable to ``cond``."""
-    if isinstance(scale, Tensor) and scale.ndim == 1 and cond.ndim > 1:
-        scale = scale.reshape((-1,) + (1,) * (cond.ndim - 1))
-    return uncond + scale * (cond - uncond)
+def cfg_combine(cond: Tensor, uncond: Tensor, guidance_scale: Tensor | float) -> Tensor:
+    """Classifier-free guidance, diffusers/LCM form: uncond + s (cond - uncond) with s = ``guidance_scale``
+    (Ho & Salimans 2021, eq. 6 with Imagen's w = :func:`imagen_w` (s) = s - 1: (1 + w) cond - w uncond).
+    ``guidance_scale`` is a float or a tensor broadcastable to ``cond``."""
+    if isinstance(guidance_scale, Tensor) and guidance_scale.ndim == 1 and cond.ndim > 1:
+        guidance_scale = guidance_scale.reshape((-1,) + (1,) * (cond.ndim - 1))
+    return uncond + guidance_scale * (cond - uncond)
 
 
 def imagen_w(guidance_scale: Tensor | float) -> Tensor | float:
@@ -170,7 +172,7 @@ def guidance_embedding(w: Tensor, dim: int, dtype: torch.dtype = torch.float32) 
     """Sinusoidal embedding of the guidance strength (VDM / LCM; same values as diffusers'
     ``StableDiffusionPipeline.get_guidance_scale_embedding``): with h = dim // 2 and f_k = 10000^(-k / (h - 1)),
     emb = [sin(1000 w f_k), cos(1000 w f_k)], zero-padded to ``dim`` when odd. ``w`` is ``[B]`` -> ``[B, dim]``.
-    Pass Imagen's w (= guidance_scale - 1), as the stock pipeline does."""
+    Pass Imagen's w (``imagen_w(guidance_scale)``), as the stock pipeline does."""
     w = torch.as_tensor(w).reshape(-1).to(dtype) * 1000.0
     half = dim // 2
     freqs = torch.exp(torch.arange(half, dtype=dtype, device=w.device) * -(math.log(10000.0) / (half - 1)))

@@ -4,8 +4,10 @@
 
 * ``"cfg"``   two evaluations (one batched forward), combined with ``cfg_combine(cond, uncond, s)``;
 * ``"cond"``  the conditional output only (no guidance, s = 1);
-* ``"wcond"`` one conditional evaluation with ``timestep_cond = guidance_embedding(s - 1)`` (a w-conditioned UNet,
-  Meng et al. 2023; ``s - 1`` is what a stock ``StableDiffusionPipeline`` embeds, see :mod:`math`).
+* ``"wcond"`` one conditional evaluation with ``timestep_cond = guidance_embedding(imagen_w(s))`` (a w-conditioned
+  UNet, Meng et al. 2023; w = s - 1 is what a stock ``StableDiffusionPipeline`` embeds, see :mod:`math`).
+
+s is the diffusers ``guidance_scale`` throughout.
 
 Precision: the UNet runs in whatever dtype it has (bf16 / fp16 weights, or autocast); its output is upcast to
 fp32 before anything else touches it, so the CFG combination, the guidance scale and the DDIM update that follow
@@ -44,10 +46,11 @@ def _per_sample(value: Tensor | float, n: int, device) -> Tensor:
 
 
 def guided_prediction(
-    unet, z: Tensor, t: Tensor, cond: Tensor, uncond: Tensor | None, guidance: Tensor | float, mode: GuidanceMode
+    unet, z: Tensor, t: Tensor, cond: Tensor, uncond: Tensor | None, guidance_scale: Tensor | float,
+    mode: GuidanceMode,
 ) -> Tensor:
-    """The UNet output (in its own prediction type) at (z_t, t) under ``mode``, in fp32; ``guidance`` is s, per sample
-    or scalar, and is combined in fp32.
+    """The UNet output (in its own prediction type) at (z_t, t) under ``mode``, in fp32; ``guidance_scale`` is s, per
+    sample or scalar, and is combined in fp32.
 
     ``cond`` / ``uncond`` are text embeddings ``[B or 1, L, D]``; ``t`` is ``[B]`` or a scalar. ``z`` and the text
     are cast to the UNet's weight dtype for the forward pass only.
@@ -61,19 +64,19 @@ def guided_prediction(
     z_in, cond = z.to(dtype), _batch(cond, n).to(dtype)
     if mode == "cond":
         return unet(z_in, t, encoder_hidden_states=cond).sample.float()
-    s = _per_sample(guidance, n, z.device)
+    guidance_scale = _per_sample(guidance_scale, n, z.device)
     if mode == "wcond":
         dim = unet.config.time_cond_proj_dim
         if dim is None:
             raise ValueError("guidance mode 'wcond' needs a w-conditioned UNet (unet.config.time_cond_proj_dim is None)")
-        emb = guidance_embedding(imagen_w(s), dim).to(device=z.device, dtype=dtype)
+        emb = guidance_embedding(imagen_w(guidance_scale), dim).to(device=z.device, dtype=dtype)
         return unet(z_in, t, encoder_hidden_states=cond, timestep_cond=emb).sample.float()
     if uncond is None:
         raise ValueError("guidance mode 'cfg' needs negative (unconditional) embeddings")
     text = torch.cat([_batch(uncond, n).to(dtype), cond])
     out = unet(torch.cat([z_in, z_in]), torch.cat([t, t]), encoder_hidden_states=text).sample.float()
     out_u, out_c = out.chunk(2)
-    return cfg_combine(out_c, out_u, s)
+    return cfg_combine(out_c, out_u, guidance_scale)
 
 
 def _schedule(scheduler_or_alphas) -> NoiseSchedule:
@@ -92,31 +95,31 @@ def ddim_sample(
     prompt_embeds: Tensor,
     negative_embeds: Tensor | None,
     steps: int,
-    guidance: float | Tensor,
+    guidance_scale: float | Tensor,
     prediction_type: str,
     w_conditioned: bool = False,
 ) -> Tensor:
     """Deterministic DDIM (eta = 0) from ``latents`` (z_T, unit-variance noise) over ``steps`` timesteps.
 
-    Each step (Song et al. 2021 eq. 12): 1. evaluate the UNet under guidance (CFG when ``guidance`` > 1 and not
+    Each step (Song et al. 2021 eq. 12): 1. evaluate the UNet under guidance (CFG when ``guidance_scale`` > 1 and not
     ``w_conditioned``; the guidance embedding when ``w_conditioned``); 2. convert its output to x_hat and eps_hat;
     3. z_prev = alpha_prev x_hat + sigma_prev eps_hat. Timesteps and the final alpha follow the scheduler's config,
     so the result matches a stock ``DDIMScheduler`` loop. Steps 2-3 run in fp32 whatever the UNet's dtype; the
-    result is fp32. ``guidance`` > 1 without ``negative_embeds`` (and not w-conditioned) is an error: CFG needs
+    result is fp32. ``guidance_scale`` > 1 without ``negative_embeds`` (and not w-conditioned) is an error: CFG needs
     the unconditional branch, and sampling without it would silently be unguided.
     """
     check_prediction_type(prediction_type)
     schedule = _schedule(scheduler_or_alphas)
-    guided = bool(torch.as_tensor(guidance).gt(1.0).any())
+    guided = bool(torch.as_tensor(guidance_scale).gt(1.0).any())
     if guided and not w_conditioned and negative_embeds is None:
-        raise ValueError(f"ddim_sample: guidance {guidance} > 1 needs negative_embeds for classifier-free guidance "
-                         "(pass the encoded negative prompt), or guidance=1.0 for unguided sampling")
+        raise ValueError(f"ddim_sample: guidance_scale {guidance_scale} > 1 needs negative_embeds for classifier-free "
+                         "guidance (pass the encoded negative prompt), or guidance_scale=1.0 for unguided sampling")
     mode: GuidanceMode = "wcond" if w_conditioned else ("cfg" if guided else "cond")
     z = latents.float()
     for t in schedule.timesteps(steps).tolist():
         alpha, sigma = schedule.alphas_sigmas(t, device=z.device)
         alpha_p, sigma_p = schedule.alphas_sigmas(schedule.prev_timestep(t, steps), device=z.device)
-        pred = guided_prediction(unet, z, torch.tensor([t]), prompt_embeds, negative_embeds, guidance, mode)
+        pred = guided_prediction(unet, z, torch.tensor([t]), prompt_embeds, negative_embeds, guidance_scale, mode)
         x0 = to_x0(pred, z, alpha, sigma, prediction_type)
         eps = to_eps(pred, z, alpha, sigma, prediction_type)
         z = ddim_step(z, x0, eps, alpha_p, sigma_p)

@@ -65,7 +65,7 @@ class EvaluateParams(_Params):
 
     # DPM-Solver++ step counts; the reference table's 8 / 16 / 20.
     steps: list[int] = [8, 16, 20]
-    # Classifier-free guidance scale in the diffusers form eps_u + w (eps_c - eps_u); the reference's 7.5.
+    # Classifier-free guidance scale s in the diffusers form eps_u + s (eps_c - eps_u); the reference's 7.5.
     guidance_scale: float = Field(default=7.5, ge=0.0)
     # Generated image side in pixels; the reference's 512 (toy world: 32).
     resolution: int = Field(default=512, ge=8)

@@ -7,9 +7,9 @@ and step count starts from the same latent for the same prompt. Work is cut into
 its PNGs), so an interrupted run continues at the first missing batch. Batches are split across
 processes with accelerate's ``PartialState().split_between_processes`` (``accelerate launch``).
 
-Classifier-free guidance follows diffusers: ``eps_u + w (eps_c - eps_u)`` with one UNet call on the
-doubled batch, i.e. two UNet evaluations per image per step. A w-conditioned student
-(``unet.config.time_cond_proj_dim`` set) gets ``w - 1`` as a guidance embedding instead and one
+Classifier-free guidance follows diffusers: ``eps_u + s (eps_c - eps_u)`` with s = ``guidance_scale``, one UNet
+call on the doubled batch, i.e. two UNet evaluations per image per step. A w-conditioned student
+(``unet.config.time_cond_proj_dim`` set) gets Imagen's w = s - 1 as a guidance embedding instead and one
 evaluation per step; the stock pipeline does both, and ``UNetEvalCounter`` measures what happened.
 
 The sampler is the ModelSpec's: ``dpmsolver++`` (the reference protocol, on the model's own scheduler config) or

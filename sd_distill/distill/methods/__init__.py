@@ -14,7 +14,7 @@ Also part of the interface:
     ``ddim_sample(..., w_conditioned=True)`` / a stock pipeline without CFG) and ``prediction_type`` (the student's,
     always the teacher's);
   * ``MethodConfig.timestep_spacing`` and ``training_schedule(cfg, teacher.schedule)`` (methods/config.py);
-  * ``sample_student(method, latents, prompt_embeds, negative_embeds, guidance)`` samples the current student the way
+  * ``sample_student(method, latents, prompt_embeds, negative_embeds, guidance_scale)`` samples the current student the way
     it is meant to be used (CFG for cfg_aware/progressive/bksdm_kd, the guidance embedding for w_conditioned);
   * ``MethodConfig`` rejects ``kind="bksdm_kd"`` with ``student_arch="same"``;
   * BK-SDM: ``bk-base`` keeps the mid block (BK-SDM's model card: base = fewer blocks in the outer stages, small =
@@ -76,11 +76,11 @@ def build_method(cfg: MethodConfig, phase: PhaseSpec, teacher, teacher_unet, stu
     raise ValueError(f"unknown phase kind {phase.kind!r}; valid: cfg_aware, progressive, w_stage1, w_halving, bksdm_kd")
 
 
-def sample_student(method, latents, prompt_embeds, negative_embeds, guidance: float):
+def sample_student(method, latents, prompt_embeds, negative_embeds, guidance_scale: float):
     """Sample ``method.student`` with its own step count, DDIM grid and guidance mode (DDIM, deterministic).
 
     For an SDXL student ``prompt_embeds`` / ``negative_embeds`` are ``TextCond`` values (``encode_prompts``)."""
     from sd_distill.diffusion.sampling import ddim_sample
 
     return ddim_sample(method.student, method.schedule, latents, prompt_embeds, negative_embeds, method.student_steps,
-                       guidance, method.prediction_type, w_conditioned=method.w_conditioned)
+                       guidance_scale, method.prediction_type, w_conditioned=method.w_conditioned)

@@ -162,16 +162,16 @@ class BkSdmDistillation:
         n, device, dtype = x0.shape[0], x0.device, x0.dtype
         # 1. noise at a random training timestep; some samples on the negative prompt (keeps CFG usable)
         t = random_timesteps(n, self.schedule.num_train_timesteps, generator, device)
-        a, s = (v.to(dtype) for v in self.schedule.alphas_sigmas(t.cpu(), device=device))
+        alpha_t, sigma_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t.cpu(), device=device))
         eps = randn(x0.shape, generator, device, dtype)
-        z_t = add_noise(x0, eps, a, s)
+        z_t = add_noise(x0, eps, alpha_t, sigma_t)
         drop = (uniform(n, 0.0, 1.0, generator, device) < UNCOND_PROB).reshape(-1, 1, 1)
         text = torch.where(drop, uncond, cond)
         # 2. teacher and student outputs, features captured by the hooks
         with torch.no_grad():
             y_t = self.teacher_unet(z_t, t, encoder_hidden_states=text).sample
         y_s = self.student(z_t, t, encoder_hidden_states=text).sample
-        target = convert(eps, z_t, a, s, "epsilon", self.prediction_type)
+        target = convert(eps, z_t, alpha_t, sigma_t, "epsilon", self.prediction_type)
         # 3. the three terms
         l_task = (y_s.float() - target.float()).pow(2).mean()
         l_out = (y_s.float() - y_t.float()).pow(2).mean()

@@ -59,10 +59,10 @@ class CfgAwareDistillation:
         cfg = self.cfg
         # 1-2. interval, noise, guidance
         t, t_end = student_intervals(self.schedule, self.student_steps, n, generator, device)
-        a_t, s_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t.cpu(), device=device))
-        a_e, s_e = (v.to(dtype) for v in self.schedule.alphas_sigmas(t_end.cpu(), device=device))
-        z_t = add_noise(x0, randn(x0.shape, generator, device, dtype), a_t, s_t)
-        s = uniform(n, cfg.guidance_min, cfg.guidance_max, generator, device)
+        alpha_t, sigma_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t.cpu(), device=device))
+        alpha_e, sigma_e = (v.to(dtype) for v in self.schedule.alphas_sigmas(t_end.cpu(), device=device))
+        z_t = add_noise(x0, randn(x0.shape, generator, device, dtype), alpha_t, sigma_t)
+        guidance_scale = uniform(n, cfg.guidance_min, cfg.guidance_max, generator, device)
         on_path = torch.zeros(n, dtype=torch.bool, device=device)
         if cfg.trajectory_fraction > 0:  # some states from the teacher's own guided sampler instead
             on_path = uniform(n, 0.0, 1.0, generator, device) < cfg.trajectory_fraction
@@ -70,44 +70,44 @@ class CfgAwareDistillation:
                 rows = on_path.nonzero().squeeze(1)
                 noise = randn(x0[rows].shape, generator, device, dtype)
                 z_t[rows] = teacher_trajectory_states(self.teacher_unet, self.schedule, self.student_steps, self.k,
-                                                      t[rows], noise, cond[rows], uncond[rows], s[rows],
+                                                      t[rows], noise, cond[rows], uncond[rows], guidance_scale[rows],
                                                       self.prediction_type)
         # 3-4. teacher endpoints and one-step targets
         use_cfg, use_van = cfg.cfg_loss_weight > 0, cfg.vanilla_loss_weight > 0
         targets = {}
         if use_cfg:
-            z_e = teacher_endpoint(self.teacher_unet, self.schedule, z_t, t, t_end, self.k, cond, uncond, s, "cfg",
-                                   self.prediction_type)
-            targets["cfg"] = two_step_target(z_t, z_e, a_t, s_t, a_e, s_e)
+            z_e = teacher_endpoint(self.teacher_unet, self.schedule, z_t, t, t_end, self.k, cond, uncond,
+                                   guidance_scale, "cfg", self.prediction_type)
+            targets["cfg"] = two_step_target(z_t, z_e, alpha_t, sigma_t, alpha_e, sigma_e)
         if use_van:
             z_e = teacher_endpoint(self.teacher_unet, self.schedule, z_t, t, t_end, self.k, cond, None, 1.0, "cond",
                                    self.prediction_type)
-            targets["vanilla"] = two_step_target(z_t, z_e, a_t, s_t, a_e, s_e)
+            targets["vanilla"] = two_step_target(z_t, z_e, alpha_t, sigma_t, alpha_e, sigma_e)
         # 5. student: cond (and uncond) in one forward
         if use_cfg:
             out = self.student(torch.cat([z_t, z_t]), torch.cat([t, t]),
                                encoder_hidden_states=torch.cat([uncond, cond])).sample
             out_u, out_c = out.chunk(2)
-            x_u = to_x0(out_u, z_t, a_t, s_t, self.prediction_type)
-            x_c = to_x0(out_c, z_t, a_t, s_t, self.prediction_type)
+            x_u = to_x0(out_u, z_t, alpha_t, sigma_t, self.prediction_type)
+            x_c = to_x0(out_c, z_t, alpha_t, sigma_t, self.prediction_type)
         else:
-            x_c = to_x0(guided_prediction(self.student, z_t, t, cond, None, 1.0, "cond"), z_t, a_t, s_t,
+            x_c = to_x0(guided_prediction(self.student, z_t, t, cond, None, 1.0, "cond"), z_t, alpha_t, sigma_t,
                         self.prediction_type)
         # 6. mixed loss
-        logs: dict[str, float] = {"t_mean": float(t.float().mean()), "guidance_mean": float(s.mean())}
+        logs: dict[str, float] = {"t_mean": float(t.float().mean()), "guidance_mean": float(guidance_scale.mean())}
         total = x0.new_zeros((), dtype=torch.float32)
         if use_cfg:
-            l_cfg = regression_loss(cfg_combine(x_c, x_u, s), targets["cfg"], z_t, a_t, s_t, cfg.loss_space,
-                                    cfg.snr_weighting, end=(a_e, s_e))
+            l_cfg = regression_loss(cfg_combine(x_c, x_u, guidance_scale), targets["cfg"], z_t, alpha_t, sigma_t,
+                                    cfg.loss_space, cfg.snr_weighting, end=(alpha_e, sigma_e))
             total = total + cfg.cfg_loss_weight * l_cfg
             logs["loss_cfg"] = float(l_cfg.detach())
         if use_van:
-            l_van = regression_loss(x_c, targets["vanilla"], z_t, a_t, s_t, cfg.loss_space, cfg.snr_weighting,
-                                    end=(a_e, s_e))
+            l_van = regression_loss(x_c, targets["vanilla"], z_t, alpha_t, sigma_t, cfg.loss_space, cfg.snr_weighting,
+                                    end=(alpha_e, sigma_e))
             total = total + cfg.vanilla_loss_weight * l_van
             logs["loss_vanilla"] = float(l_van.detach())
         if cfg.data_loss_weight > 0:  # SD's own objective on the rows that are noised curated latents
-            l_data = data_loss(x_c, x0, z_t, a_t, s_t, self.prediction_type, rows=~on_path)
+            l_data = data_loss(x_c, x0, z_t, alpha_t, sigma_t, self.prediction_type, rows=~on_path)
             total = total + cfg.data_loss_weight * l_data
             logs["loss_data"] = float(l_data.detach())
         logs["loss"] = float(total.detach())

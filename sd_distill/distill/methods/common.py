@@ -1,4 +1,4 @@
-"""Pieces shared by the step-distillation methods: timestep / guidance / noise sampling, the teacher's multi-step
+"""Pieces shared by the step-distillation methods: timestep / guidance-scale / noise sampling, the teacher's multi-step
 DDIM endpoint, and the weighted regression loss. Everything converts through :mod:`sd_distill.diffusion.math`.
 """
 
@@ -88,13 +88,13 @@ def unpack_batch(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | TextCond, T
     return x0, cond.to(x0.dtype), uncond.to(x0.dtype)
 
 
-def x0_and_eps(unet, z, t, cond, uncond, guidance, mode: GuidanceMode, prediction_type: str,
+def x0_and_eps(unet, z, t, cond, uncond, guidance_scale, mode: GuidanceMode, prediction_type: str,
                schedule: NoiseSchedule) -> tuple[Tensor, Tensor]:
     """The UNet's (x_hat, eps_hat) at (z_t, t) under a guidance mode, converted from its prediction type.
 
     fp32 whatever the UNet's dtype: the prediction is upcast by ``guided_prediction`` and alpha_t, sigma_t and z_t
     enter the conversion in fp32 (a bf16 teacher must not see a bf16-rounded schedule)."""
-    pred = guided_prediction(unet, z, t.clamp(min=0), cond, uncond, guidance, mode)
+    pred = guided_prediction(unet, z, t.clamp(min=0), cond, uncond, guidance_scale, mode)
     alpha, sigma = schedule.alphas_sigmas(t.cpu(), device=z.device)
     z = z.float()
     return to_x0(pred, z, alpha, sigma, prediction_type), to_eps(pred, z, alpha, sigma, prediction_type)
@@ -102,7 +102,7 @@ def x0_and_eps(unet, z, t, cond, uncond, guidance, mode: GuidanceMode, predictio
 
 @torch.no_grad()
 def teacher_endpoint(unet, schedule: NoiseSchedule, z_t: Tensor, t: Tensor, t_end: Tensor, k: int, cond: Tensor,
-                     uncond: Tensor | None, guidance, mode: GuidanceMode, prediction_type: str) -> Tensor:
+                     uncond: Tensor | None, guidance_scale, mode: GuidanceMode, prediction_type: str) -> Tensor:
     """z at t_end after ``k`` teacher DDIM steps from z_t (Salimans & Ho 2022, Alg. 2, the inner teacher loop).
 
     Intermediate times are t_j = t - round(j (t - t_end) / k). A negative time is "past the last step"
@@ -114,7 +114,7 @@ def teacher_endpoint(unet, schedule: NoiseSchedule, z_t: Tensor, t: Tensor, t_en
         t_next = t_end if j == k else t - torch.round(j * (t - t_end).float() / k).long()
         t_next = torch.where(t_next < 0, torch.full_like(t_next, -1), t_next)
         active = t_cur >= 0
-        x0, eps = x0_and_eps(unet, z, t_cur, cond, uncond, guidance, mode, prediction_type, schedule)
+        x0, eps = x0_and_eps(unet, z, t_cur, cond, uncond, guidance_scale, mode, prediction_type, schedule)
         a_n, s_n = schedule.alphas_sigmas(t_next.cpu(), device=z.device)
         z_new = ddim_step(z, x0, eps, a_n, s_n)
         z = torch.where(active.reshape(-1, 1, 1, 1), z_new, z)
@@ -124,7 +124,7 @@ def teacher_endpoint(unet, schedule: NoiseSchedule, z_t: Tensor, t: Tensor, t_en
 
 @torch.no_grad()
 def teacher_trajectory_states(unet, schedule: NoiseSchedule, student_steps: int, k: int, t: Tensor, noise: Tensor,
-                              cond, uncond, guidance: Tensor, prediction_type: str) -> Tensor:
+                              cond, uncond, guidance_scale: Tensor, prediction_type: str) -> Tensor:
     """z_t taken from the teacher's own guided sampler instead of the forward process.
 
     Each sample starts from unit noise at the first time of the student's N-step grid and follows the teacher's
@@ -143,7 +143,7 @@ def teacher_trajectory_states(unet, schedule: NoiseSchedule, student_steps: int,
         rows = (position > j).nonzero().squeeze(1)
         t_j, t_next = grid[j].expand(len(rows)), grid[j + 1].expand(len(rows))
         z[rows] = teacher_endpoint(unet, schedule, z[rows], t_j, t_next, k, cond[rows],
-                                   uncond[rows], guidance[rows], "cfg", prediction_type)
+                                   uncond[rows], guidance_scale[rows], "cfg", prediction_type)
     return z
 
 

@@ -4,7 +4,8 @@ Stage 1 (``w_stage1``): a w-conditioned student x_eta(z_t, t, w) is trained to m
 single forward pass (Meng et al. eq. 6): for t on the stage's DDIM grid (``progressive_start_steps`` steps, see
 below), s ~ U[guidance_min, guidance_max],
     L = || S(x_eta(z_t, w = s - 1)) - S(cfg_combine(x_c, x_u, s)) ||^2,
-with S the loss space and the SNR weight of :func:`snr_weight`.
+with s the diffusers guidance scale (``guidance_scale`` in code), w = ``imagen_w(s)`` Imagen's guidance strength,
+S the loss space and the SNR weight of :func:`snr_weight`.
 
 Why the grid and not t ~ U{0..T-1} (Meng et al. sample continuous t): the stage-1 model is only ever evaluated on
 that grid -- the first halving's teacher takes its two DDIM steps on it -- and with uniform t the loss is spent
@@ -12,8 +13,9 @@ elsewhere. For an x0-parameterised (``sample``) teacher that is fatal: the CFG c
 t, and an error of the network's output costs (SNR_t + 1) in the default v loss space, so t near 0 (SNR ~ 1e3)
 outweighs t = T-1 (SNR ~ 5e-3) by ~1000x and the high-noise steps that decide a few-step sampler stay untrained
 (measured on the tiny test teacher: relative x0 error vs the CFG target at t = 999 only 0.42 -> 0.22 after 100
-steps, while t = 10 went 0.25 -> 0.04). epsilon / v teachers hardly notice (their x0 outputs at small t are ~z_t). The guidance enters through diffusers'
-``time_cond_proj_dim`` / ``timestep_cond`` as ``guidance_embedding(s - 1)`` -- exactly what a stock
+steps, while t = 10 went 0.25 -> 0.04). epsilon / v teachers hardly notice (their x0 outputs at small t are ~z_t).
+The guidance enters through diffusers' ``time_cond_proj_dim`` / ``timestep_cond`` as
+``guidance_embedding(imagen_w(s))`` (w = s - 1) -- exactly what a stock
 ``StableDiffusionPipeline`` feeds for ``guidance_scale = s``, so the saved student needs no custom pipeline.
 
 Both stages optionally add ``data_loss_weight * L_data``: SD's denoising objective on the curated latent x that z_t
@@ -75,17 +77,19 @@ class WConditionedStage1:
         x0, cond, uncond = unpack_batch(batch)
         n, device, dtype = x0.shape[0], x0.device, x0.dtype
         t, t_end = student_intervals(self.schedule, self.student_steps, n, generator, device)
-        a, s = (v.to(dtype) for v in self.schedule.alphas_sigmas(t.cpu(), device=device))
+        alpha_t, sigma_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t.cpu(), device=device))
         end = tuple(v.to(dtype) for v in self.schedule.alphas_sigmas(t_end.cpu(), device=device))
-        z_t = add_noise(x0, randn(x0.shape, generator, device, dtype), a, s)
-        g = uniform(n, self.cfg.guidance_min, self.cfg.guidance_max, generator, device)
+        z_t = add_noise(x0, randn(x0.shape, generator, device, dtype), alpha_t, sigma_t)
+        guidance_scale = uniform(n, self.cfg.guidance_min, self.cfg.guidance_max, generator, device)
         with torch.no_grad():
-            target = to_x0(guided_prediction(self.teacher_unet, z_t, t, cond, uncond, g, self.teacher_mode), z_t, a, s,
-                           self.prediction_type)
-        pred = to_x0(guided_prediction(self.student, z_t, t, cond, None, g, "wcond"), z_t, a, s, self.prediction_type)
-        loss = regression_loss(pred, target, z_t, a, s, self.cfg.loss_space, self.cfg.snr_weighting, end=end)
-        logs = {"guidance_mean": float(g.mean())}
-        loss = _with_data_term(self, loss, logs, x0, z_t, t, cond, a, s)
+            target = to_x0(guided_prediction(self.teacher_unet, z_t, t, cond, uncond, guidance_scale, self.teacher_mode),
+                           z_t, alpha_t, sigma_t, self.prediction_type)
+        pred = to_x0(guided_prediction(self.student, z_t, t, cond, None, guidance_scale, "wcond"), z_t, alpha_t, sigma_t,
+                     self.prediction_type)
+        loss = regression_loss(pred, target, z_t, alpha_t, sigma_t, self.cfg.loss_space, self.cfg.snr_weighting,
+                               end=end)
+        logs = {"guidance_mean": float(guidance_scale.mean())}
+        loss = _with_data_term(self, loss, logs, x0, z_t, t, cond, alpha_t, sigma_t)
         return loss, {"loss": float(loss.detach()), **logs}
 
 
@@ -110,17 +114,17 @@ class WConditionedHalving:
         x0, cond, _ = unpack_batch(batch)
         n, device, dtype = x0.shape[0], x0.device, x0.dtype
         t, t_end = student_intervals(self.schedule, self.student_steps, n, generator, device)
-        a_t, s_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t.cpu(), device=device))
-        a_e, s_e = (v.to(dtype) for v in self.schedule.alphas_sigmas(t_end.cpu(), device=device))
-        z_t = add_noise(x0, randn(x0.shape, generator, device, dtype), a_t, s_t)
-        g = uniform(n, self.cfg.guidance_min, self.cfg.guidance_max, generator, device)
-        z_e = teacher_endpoint(self.teacher_unet, self.schedule, z_t, t, t_end, 2, cond, None, g, "wcond",
+        alpha_t, sigma_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t.cpu(), device=device))
+        alpha_e, sigma_e = (v.to(dtype) for v in self.schedule.alphas_sigmas(t_end.cpu(), device=device))
+        z_t = add_noise(x0, randn(x0.shape, generator, device, dtype), alpha_t, sigma_t)
+        guidance_scale = uniform(n, self.cfg.guidance_min, self.cfg.guidance_max, generator, device)
+        z_e = teacher_endpoint(self.teacher_unet, self.schedule, z_t, t, t_end, 2, cond, None, guidance_scale, "wcond",
                                self.prediction_type)
-        target = two_step_target(z_t, z_e, a_t, s_t, a_e, s_e)
-        pred = to_x0(guided_prediction(self.student, z_t, t, cond, None, g, "wcond"), z_t, a_t, s_t,
-                     self.prediction_type)
-        loss = regression_loss(pred, target, z_t, a_t, s_t, self.cfg.loss_space, self.cfg.snr_weighting,
-                               end=(a_e, s_e))
-        logs = {"t_mean": float(t.float().mean()), "guidance_mean": float(g.mean())}
-        loss = _with_data_term(self, loss, logs, x0, z_t, t, cond, a_t, s_t)
+        target = two_step_target(z_t, z_e, alpha_t, sigma_t, alpha_e, sigma_e)
+        pred = to_x0(guided_prediction(self.student, z_t, t, cond, None, guidance_scale, "wcond"), z_t, alpha_t,
+                     sigma_t, self.prediction_type)
+        loss = regression_loss(pred, target, z_t, alpha_t, sigma_t, self.cfg.loss_space, self.cfg.snr_weighting,
+                               end=(alpha_e, sigma_e))
+        logs = {"t_mean": float(t.float().mean()), "guidance_mean": float(guidance_scale.mean())}
+        loss = _with_data_term(self, loss, logs, x0, z_t, t, cond, alpha_t, sigma_t)
         return loss, {"loss": float(loss.detach()), **logs}
