@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
@@ -177,28 +178,110 @@ def cached_copy(manifest: Manifest) -> Path:
     return target
 
 
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+class LocalBackend:
+    """A store in a folder on this machine: temporary folders beside their final place, renamed into place
+    (atomic on one filesystem), locks under ``<root>/_locks/``."""
+
+    is_local = True
+
+    def __init__(self, fs, root: str):
+        self.fs, self.root = fs, os.path.abspath(root)
+        self.url = self.root
+
+    def uri(self, folder: str) -> str:
+        return folder
+
+    def reused_path(self, manifest: Manifest) -> Path:
+        """Where a reused build's files are: the stage folder itself."""
+        return manifest.path
+
+    @contextmanager
+    def local_copy(self, manifest: Manifest, folder: str) -> Iterator[Path]:
+        yield manifest.path
+
+    def temp_folder(self, stage: str, key: str) -> Path:
+        os.makedirs(f"{self.root}/{stage}", exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=f"{self.root}/{stage}"))
+
+    def lock_file(self, stage: str, key: str, folder: str) -> str:
+        os.makedirs(f"{self.root}/_locks/{stage}", exist_ok=True)
+        return f"{self.root}/_locks/{stage}/{key}.lock"
+
+    def publish(self, tmp: Path, final: str, files: list[dict[str, Any]], finished) -> None:
+        """Rename the finished temporary folder into place; if another build won the rename, keep the winner's."""
+        try:
+            os.rename(tmp, final)  # atomic on one filesystem; fails if another build won
+        except OSError:
+            if not finished():
+                raise
+
+
+class ObjectStoreBackend:
+    """A store behind an fsspec URL (``s3://``, ``memory://``...): builds happen in a local temporary folder and are
+    uploaded file by file, the manifest last; locks are per machine (a lock file in the local temp folder)."""
+
+    is_local = False
+
+    def __init__(self, fs, root: str, url: str):
+        self.fs, self.root, self.url = fs, root, url
+
+    def uri(self, folder: str) -> str:
+        proto = self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol
+        return f"{proto}://{folder}"
+
+    def reused_path(self, manifest: Manifest) -> Path:
+        """No local files for a reused remote build until ``Manifest.path`` copies them."""
+        return Path()
+
+    @contextmanager
+    def local_copy(self, manifest: Manifest, folder: str) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="stage-") as tmp:
+            self.fs.get(folder + "/", tmp + "/", recursive=True)
+            yield Path(tmp)
+
+    def temp_folder(self, stage: str, key: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"stage-{key}-"))
+
+    def lock_file(self, stage: str, key: str, folder: str) -> str:
+        digest = hashlib.sha256(folder.encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), f"sd-distill-{digest}.lock")
+
+    def publish(self, tmp: Path, final: str, files: list[dict[str, Any]], finished) -> None:
+        """Object stores have no atomic folder rename: upload the files into place, then the manifest last.
+        A folder counts as finished only once its manifest exists, so a crash mid-upload never looks done."""
+        if finished():
+            return
+        for entry in files:
+            self.fs.put_file(str(tmp / entry["path"]), f"{final}/{entry['path']}")
+        self.fs.put_file(str(tmp / MANIFEST), f"{final}/{MANIFEST}")
+
+
 class StageStore:
+    """The stage folders under ``root``, a local path or an fsspec URL; the backend (``LocalBackend`` or
+    ``ObjectStoreBackend``) does what differs between the two."""
+
     def __init__(self, root: str | os.PathLike):
         root = str(root)
-        self.fs, self.root = fsspec.core.url_to_fs(root)
-        self.is_local = self.fs.protocol in ("file", ("file", "local"), "local") or "file" in (
-            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        )
-        if self.is_local:
-            self.root = os.path.abspath(self.root)
+        fs, path = fsspec.core.url_to_fs(root)
+        self.backend = LocalBackend(fs, path) if _is_local(fs) else ObjectStoreBackend(fs, path, root)
+        self.fs, self.root, self.url = self.backend.fs, self.backend.root, self.backend.url
         self.fs.makedirs(self.root, exist_ok=True)
-        self.url = root if not self.is_local else self.root
+
+    @property
+    def is_local(self) -> bool:
+        return self.backend.is_local
 
     # -- lookup ---------------------------------------------------------------
     def folder(self, stage: str, key: str) -> str:
         return f"{self.root}/{stage}/{key}"
 
     def uri(self, stage: str, key: str) -> str:
-        folder = self.folder(stage, key)
-        if self.is_local:
-            return folder
-        proto = self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol
-        return f"{proto}://{folder}"
+        return self.backend.uri(self.folder(stage, key))
 
     def find(self, stage: str, key: str) -> Manifest | None:
         """The manifest of a finished stage, or None when it has not been built."""
@@ -226,12 +309,8 @@ class StageStore:
     @contextmanager
     def local_copy(self, manifest: Manifest) -> Iterator[Path]:
         """A local folder with the stage's files (the folder itself for local stores)."""
-        if self.is_local:
-            yield manifest.path
-            return
-        with tempfile.TemporaryDirectory(prefix="stage-") as tmp:
-            self.fs.get(self.folder(manifest.stage, manifest.key) + "/", tmp + "/", recursive=True)
-            yield Path(tmp)
+        with self.backend.local_copy(manifest, self.folder(manifest.stage, manifest.key)) as folder:
+            yield folder
 
     def verify(self, manifest: Manifest) -> list[str]:
         """Files whose size or sha256 no longer match the manifest (empty when intact)."""
@@ -262,20 +341,15 @@ class StageStore:
         key = stage_key(stage, params, upstream, code_version)
         existing = self.find(stage, key)
         if existing is not None:
-            yield StageBuild(stage, key, existing.path if self.is_local else Path(), manifest=existing, reused=True)
+            yield StageBuild(stage, key, self.backend.reused_path(existing), manifest=existing, reused=True)
             return
         with self._lock(stage, key):
             # another build of the same key may have finished while we waited for the lock
             existing = self.find(stage, key)
             if existing is not None:
-                yield StageBuild(stage, key, existing.path if self.is_local else Path(), manifest=existing, reused=True)
+                yield StageBuild(stage, key, self.backend.reused_path(existing), manifest=existing, reused=True)
                 return
-            base = self.root if self.is_local else None
-            if base:
-                os.makedirs(f"{base}/{stage}", exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=f"{base}/{stage}"))
-            else:
-                tmp = Path(tempfile.mkdtemp(prefix=f"stage-{key}-"))
+            tmp = self.backend.temp_folder(stage, key)
             b = StageBuild(stage, key, tmp)
             try:
                 yield b
@@ -292,14 +366,7 @@ class StageStore:
         instead of building it again in the same work folders. Remote stores lock per machine
         (a lock file in the local temp folder); the atomic move still leaves one intact winner.
         """
-        import fcntl
-
-        if self.is_local:
-            os.makedirs(f"{self.root}/_locks/{stage}", exist_ok=True)
-            path = f"{self.root}/_locks/{stage}/{key}.lock"
-        else:
-            path = os.path.join(tempfile.gettempdir(), f"sd-distill-{hashlib.sha256(self.folder(stage, key).encode()).hexdigest()[:16]}.lock")
-        with open(path, "a") as handle:
+        with open(self.backend.lock_file(stage, key, self.folder(stage, key)), "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -324,18 +391,6 @@ class StageStore:
             files=files,
         )
         (b.path / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
-        final = self.folder(b.stage, b.key)
-        if self.is_local:
-            try:
-                os.rename(b.path, final)  # atomic on one filesystem; fails if another build won
-            except OSError:
-                if self.find(b.stage, b.key) is None:
-                    raise
-            return self.find(b.stage, b.key)  # the winner's manifest
-        # Object stores have no atomic folder rename: upload the files into place, then the manifest last.
-        # A folder counts as finished only once its manifest exists, so a crash mid-upload never looks done.
-        if self.find(b.stage, b.key) is None:
-            for entry in files:
-                self.fs.put_file(str(b.path / entry["path"]), f"{final}/{entry['path']}")
-            self.fs.put_file(str(b.path / MANIFEST), f"{final}/{MANIFEST}")
-        return self.find(b.stage, b.key)
+        self.backend.publish(b.path, self.folder(b.stage, b.key), files,
+                             finished=lambda: self.find(b.stage, b.key) is not None)
+        return self.find(b.stage, b.key)  # the winner's manifest
