@@ -20,26 +20,30 @@ Adding a method, one file per method:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 
-from sd_distill.distill.methods import bksdm, cfg_aware, progressive, w_conditioned
+from sd_distill.distill.methods.bksdm import BkSdmDistillation
+from sd_distill.distill.methods.cfg_aware import CfgAwareDistillation
 from sd_distill.distill.methods.config import METHOD_KINDS
+from sd_distill.distill.methods.progressive import ProgressiveDistillation
+from sd_distill.distill.methods.w_conditioned import WConditionedHalving, WConditionedStage1
 
 
 @dataclass(frozen=True)
 class Method:
     """One distillation method: the file that implements it and the class of each of its phase kinds."""
 
-    module: ModuleType
-    phases: dict[str, type]
+    module: str  # the file, as a module name
+    phases: dict[str, type]  # phase kind -> the class that trains it
 
+
+_PACKAGE = "sd_distill.distill.methods"
 
 METHODS: dict[str, Method] = {
-    "cfg_aware": Method(cfg_aware, {"cfg_aware": cfg_aware.CfgAwareDistillation}),
-    "w_conditioned": Method(w_conditioned, {"w_stage1": w_conditioned.WConditionedStage1,
-                                            "w_halving": w_conditioned.WConditionedHalving}),
-    "progressive": Method(progressive, {"progressive": progressive.ProgressiveDistillation}),
-    "bksdm_kd": Method(bksdm, {"bksdm_kd": bksdm.BkSdmDistillation}),
+    "cfg_aware": Method(f"{_PACKAGE}.cfg_aware", {"cfg_aware": CfgAwareDistillation}),
+    "w_conditioned": Method(f"{_PACKAGE}.w_conditioned", {"w_stage1": WConditionedStage1,
+                                                          "w_halving": WConditionedHalving}),
+    "progressive": Method(f"{_PACKAGE}.progressive", {"progressive": ProgressiveDistillation}),
+    "bksdm_kd": Method(f"{_PACKAGE}.bksdm", {"bksdm_kd": BkSdmDistillation}),
 }
 
 if set(METHODS) != set(METHOD_KINDS):
