@@ -6,8 +6,11 @@ Nothing is downloaded unless the user allows it: hub ids are resolved with
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+from sd_distill.store import load_manifest
 
 TOY_ASSETS = Path(__file__).parent / "toy" / "assets"
 
@@ -26,8 +29,6 @@ def resolve_model_ref(ref: str) -> str:
             raise FileNotFoundError(f"toy model {ref!r} is not shipped; known toy models: {known}")
         return str(path)
     if "://" in ref and not ref.startswith("file://"):
-        from sd_distill.store import load_manifest
-
         return str(load_manifest(ref).path)
     p = Path(ref.removeprefix("file://")).expanduser()
     if p.exists():
@@ -50,8 +51,6 @@ def model_fingerprint(ref: str, sample_bytes: int = 1 << 20) -> str:
     checkpoints on every key computation is avoided. Hub ids (pin them with a revision in the id or
     the hub cache) and stage-store URLs (content-addressed already) are their own fingerprint.
     """
-    import hashlib
-
     if "://" in ref and not ref.startswith("file://"):
         return hashlib.sha256(ref.encode()).hexdigest()[:16]
     try:

@@ -13,11 +13,15 @@ import json
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import fsspec
+from huggingface_hub import snapshot_download
+
 from sd_distill.curate.config import CurateParams
 from sd_distill.distill.config import DistillParams
 from sd_distill.distill.teacher import check_teacher_folder
 from sd_distill.evaluate.config import EvaluateParams
 from sd_distill.evaluate.metrics.features import INCEPTION_REF
+from sd_distill.evaluate.metrics.inception import find_inception_weights
 from sd_distill.modelref import allow_download, hub_kwargs, resolve_model_ref
 from sd_distill.scoring.hps import HPS_FILES
 from sd_distill.scoring.openclip import CHECKPOINT_SUFFIXES, CONFIG_FILE
@@ -70,8 +74,6 @@ def check_open_clip(ref: str, checkpoint_names: Sequence[str] = ()) -> None:
     if not path.is_dir():
         if ref.count("/") != 1:
             raise FileNotFoundError("neither an existing file or folder, toy:<name>, nor a hub repo id 'owner/name'")
-        from huggingface_hub import snapshot_download
-
         try:
             path = Path(snapshot_download(ref, allow_patterns=[CONFIG_FILE, *checkpoint_names], local_files_only=True))
         except Exception as exc:  # a cache miss raises one of several hub error types
@@ -101,8 +103,6 @@ def check_transformers(ref: str) -> None:
 
 def check_feature_extractor(ref: str, inception_weights: Optional[str]) -> None:
     """The FID / IS feature extractor: the FID Inception weights file, or a folder whose config.json names a class."""
-    from sd_distill.evaluate.metrics.inception import find_inception_weights
-
     if ref == INCEPTION_REF:
         find_inception_weights(inception_weights)
         return
@@ -117,8 +117,6 @@ def check_feature_extractor(ref: str, inception_weights: Optional[str]) -> None:
 def check_path(path: str, want: str = "any") -> None:
     """A local file / folder (``want``: "file", "dir", "any") or an fsspec URL that exists."""
     if _is_url(path):
-        import fsspec
-
         fs, inner = fsspec.core.url_to_fs(path)
         if not fs.exists(inner):
             raise FileNotFoundError("does not exist")

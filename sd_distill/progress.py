@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from tqdm.auto import tqdm
+
 ProgressFn = Callable[[int, int, str], None]
 
 
@@ -18,8 +20,6 @@ def report(progress: Optional[ProgressFn], done: int, total: int, message: str =
 
 def tqdm_progress(desc: str) -> ProgressFn:
     """A terminal progress bar as a ProgressFn."""
-    from tqdm.auto import tqdm
-
     bar = tqdm(desc=desc, total=0, leave=False)
 
     def update(done: int, total: int, message: str = "") -> None:

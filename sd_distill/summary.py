@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sd_distill.evaluate.compare import HEADLINE, differences_markdown, read_differences, verdict_lines
+
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
@@ -50,8 +52,6 @@ def toy_lines(toy: dict) -> list[str]:
                 for g in gen]
     diffs = toy.get("generation_differences") or []
     if diffs:
-        from sd_distill.evaluate.compare import differences_markdown
-
         out += ["", differences_markdown(diffs).strip()]
     return out + [""]
 
@@ -66,8 +66,6 @@ def _interval(row: dict, key: str, digits: int) -> str:
 
 def verdict_section(report_dir: Path, toy: dict | None = None) -> list[str]:
     """The verdicts of every student row against every teacher row, read from the paired intervals only."""
-    from sd_distill.evaluate.compare import HEADLINE, read_differences, verdict_lines
-
     rows = read_differences(report_dir)
     shown = set(HEADLINE) | {r["metric"] for r in rows if r["metric"].endswith("_mean")}
     lines = [f"- {line}" for line in verdict_lines(rows, shown)]

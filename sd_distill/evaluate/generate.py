@@ -32,7 +32,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from accelerate import PartialState
+from PIL import Image
 
+from sd_distill.distill.teacher import read_model_index
+from sd_distill.modelref import hub_kwargs, resolve_model_ref
 from sd_distill.progress import ProgressFn, report
 
 from .config import EvaluateParams, ModelSpec
@@ -45,24 +49,18 @@ def resolve_device(device: Optional[str]) -> torch.device:
     """The requested device, or accelerate's per-process device (cuda:<local rank> / cpu)."""
     if device:
         return torch.device(device)
-    from accelerate import PartialState
-
     return PartialState().device
 
 
 def pipeline_class_name(ref: str) -> str:
     """``_class_name`` of a pipeline's model_index.json ("StableDiffusionPipeline" when it cannot be read offline)."""
-    from sd_distill.distill.teacher import read_model_index
-
     return str((read_model_index(ref) or {}).get("_class_name") or "StableDiffusionPipeline")
 
 
 def load_pipeline(ref: str, device: Optional[str] = None, dtype: str = "float32", sampler: str = "dpmsolver++"):
     """A StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL folders) from a folder / hub id / toy:<name>
     with the ``sampler``'s scheduler (``sampler_scheduler``)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from sd_distill.modelref import hub_kwargs, resolve_model_ref
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # deferred: heavy
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -93,7 +91,7 @@ def sampler_scheduler(scheduler, sampler: str, ref: Optional[str] = None):
     spacing. ``ddim``: DDIM (eta 0, first order) on ``trained_timestep_spacing(ref)`` when the folder records
     one, else the scheduler config's spacing.
     """
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler  # deferred: heavy
 
     if sampler == "dpmsolver++":
         return dpm_solver_pp_scheduler(scheduler)
@@ -115,7 +113,7 @@ def trained_timestep_spacing(folder: str) -> Optional[str]:
 
 def dpm_solver_pp_scheduler(scheduler):
     """DPM-Solver++ (Lu et al. 2022, multistep, 2nd order) on the model's own noise schedule and prediction type."""
-    from diffusers import DPMSolverMultistepScheduler
+    from diffusers import DPMSolverMultistepScheduler  # deferred: heavy
 
     return DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++")
 
@@ -198,8 +196,6 @@ def generate_images(params: EvaluateParams, model: ModelSpec, steps: int, prompt
     done, ``summary`` (images, seconds per image, UNet evaluations per image). ``pipe`` reuses a loaded
     pipeline; ``max_batches`` stops after that many new batches (used to test resuming).
     """
-    from accelerate import PartialState
-
     folder = images_folder(out_dir, model, steps, prompt_set)
     state = PartialState()
     if state.is_main_process:
@@ -265,8 +261,6 @@ class LazyImages(Sequence):
         return len(self.paths)
 
     def __getitem__(self, index):
-        from PIL import Image
-
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         with Image.open(self.paths[index]) as im:

@@ -11,9 +11,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
+from .compare import paired_differences, write_differences
 from .config import EvaluateParams
+from .prompts import load_prompt_sets
 
 FIXED_COLUMNS = [("model", "model"), ("kind", "kind"), ("steps", "steps"), ("sampler", "sampler")]
 METRIC_COLUMNS = [("fid", "FID ↓"), ("is", "IS ↑"), ("is_std", "IS std"), ("clip", "CLIP ↑")]
@@ -72,8 +77,6 @@ def csv_columns(columns: list[tuple[str, str]], records: list[dict]) -> list[str
 def write_table(params: EvaluateParams, records: list[dict], out_dir: Path) -> dict[str, Path]:
     """table.md, table.csv (same rows; the CSV adds the interval columns), records.json (every key of every record)
     and, when students and teachers have replicates, differences.csv / differences.md."""
-    from .compare import paired_differences, write_differences
-
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = table_columns(params, records)
     paths = {"markdown": out_dir / "table.md", "csv": out_dir / "table.csv", "records": out_dir / "records.json"}
@@ -109,10 +112,6 @@ def image_grid(params: EvaluateParams, records: list[dict], set_name: str, out_p
                prompts: list[str] | None = None) -> Path | None:
     """A PNG grid: one row per model x steps, one column per prompt (same prompts and seeds in every row),
     with each column's prompt written above it when ``prompts`` is given."""
-    import textwrap
-
-    from PIL import Image, ImageDraw
-
     rows = [r for r in grid_rows(records) if set_name in r.get("images", {})]
     if not rows:
         return None
@@ -143,10 +142,10 @@ def image_grid(params: EvaluateParams, records: list[dict], set_name: str, out_p
 def metric_plot(params: EvaluateParams, records: list[dict], out_path: Path) -> Path | None:
     """A PNG with one panel per metric (FID, IS, CLIP, HPSv2 means, latency) against steps, one line per model and
     sampler, with the intervals as error bars."""
-    import matplotlib
+    import matplotlib  # deferred: heavy
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: heavy
 
     keys = [k for k in PLOTTED[:3] + [hps_key(v, "mean") for v in params.hps_versions] + PLOTTED[3:]
             if any(r.get(k) is not None for r in records)]
@@ -180,8 +179,6 @@ def metric_plot(params: EvaluateParams, records: list[dict], out_path: Path) -> 
 
 def _prompt_texts(params: EvaluateParams) -> dict[str, list[str]]:
     """Prompt set name -> prompts, for the grid headers; empty when the prompt files are not at hand."""
-    from .prompts import load_prompt_sets
-
     try:
         return {ps.name: list(ps.prompts) for ps in load_prompt_sets(params)}
     except (OSError, ValueError):

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from accelerate import PartialState
 
 from sd_distill.progress import ProgressFn, report
 
@@ -144,8 +145,6 @@ def model_records(params: EvaluateParams, models: list[ModelSpec], out_dir: Path
                   progress: ProgressFn | None = None) -> list[dict]:
     """Generate, score and time every model at its step counts (images under ``out_dir``); one record per
     model x steps on the main process (an empty list on the others). No report: see ``evaluate``."""
-    from accelerate import PartialState
-
     if not models:
         raise ValueError("evaluate needs at least one ModelSpec")
     names = [(m.name, m.sampler) for m in models]
@@ -189,8 +188,6 @@ def evaluate(params: EvaluateParams, models: list[ModelSpec], out_dir: Path, pro
 
     Returns the summary: ``rows``, ``columns``, ``records`` (one dict per model x steps), ``files``.
     """
-    from accelerate import PartialState
-
     records = model_records(params, models, out_dir, progress)
     if not PartialState().is_main_process:
         return {"rows": 0, "records": [], "files": {}}

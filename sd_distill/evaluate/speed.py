@@ -13,6 +13,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from .generate import UNetEvalCounter, prompt_generators
 
@@ -25,8 +26,6 @@ def unet_parameters(unet: torch.nn.Module) -> int:
 @torch.no_grad()
 def unet_macs_per_eval(pipe, resolution: int) -> int:
     """Multiply-accumulates of one UNet evaluation (one latent) at ``resolution`` pixels."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     unet = pipe.unet
     param = next(unet.parameters())
     side = resolution // pipe.vae_scale_factor

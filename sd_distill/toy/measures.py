@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sd_distill.curate.shards import read_curated
+from sd_distill.evaluate import stats
+from sd_distill.modelref import resolve_model_ref
 from sd_distill.toy.world import caption_accuracy
 
 _TOY_KEY = re.compile(r"toy\d{6}")
@@ -39,8 +42,6 @@ def curation_measures(sources_dir: str | Path, shards_dir: str | Path) -> dict:
     ``sources_dir``: the curate/sources stage of a toy source (holds ``toy/truth.parquet`` and
     ``samples.parquet``); ``shards_dir``: the curate/shards stage built from it.
     """
-    from sd_distill.curate.shards import read_curated
-
     sources_dir, shards_dir = Path(sources_dir), Path(shards_dir)
     truth_file = sources_dir / "toy" / "truth.parquet"
     if not truth_file.exists():
@@ -87,10 +88,8 @@ def generation_measures(records: list[dict], classifier_ref: str = "toy:classifi
     over prompts with its ``level`` bootstrap interval; the per-prompt values are kept under ``per_prompt``
     for ``generation_differences`` (the summary does not print them).
     """
-    from sd_distill.evaluate import stats
-    from sd_distill.evaluate.generate import load_images
-    from sd_distill.modelref import resolve_model_ref
-    from sd_distill.toy.classifier import ToyAttributeClassifier
+    from sd_distill.evaluate.generate import load_images  # deferred: heavy
+    from sd_distill.toy.classifier import ToyAttributeClassifier  # deferred: heavy
 
     if prompts is None:
         raise ValueError("generation_measures needs the prompts the images were generated from, in order")
@@ -128,8 +127,6 @@ def generation_differences(rows: list[dict], bootstrap_samples: int = 1000, boot
     interval and its verdict, in ``sd_distill.evaluate.compare.DIFF_FIELDS`` (the student's reference row, the
     teacher at its most steps, is compared on attribute accuracy only: its closeness to itself is perfect by
     construction)."""
-    from sd_distill.evaluate import stats
-
     if not rows or len(next(iter(rows[0]["per_prompt"].values()))) < stats.MIN_PROMPTS:
         return []
     n = len(next(iter(rows[0]["per_prompt"].values())))
@@ -164,7 +161,7 @@ def paired_rmse(images, reference) -> float:
 
 def _as_tensor(images) -> "torch.Tensor":
     """[N, 3, H, W] float in [0, 1] from PIL images."""
-    import torch
+    import torch  # deferred: heavy
 
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 255.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2)

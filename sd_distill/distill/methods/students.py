@@ -6,7 +6,9 @@ import copy
 
 import torch
 
+from sd_distill.distill.methods.bksdm import block_removed_unet
 from sd_distill.distill.methods.config import MethodConfig, PhaseSpec
+from sd_distill.distill.textcond import is_sdxl_unet
 
 
 def with_w_conditioning(unet, embed_dim: int):
@@ -15,7 +17,7 @@ def with_w_conditioning(unet, embed_dim: int):
     The new projection ``time_embedding.cond_proj`` (no bias) is zero-initialised, so the student's output equals
     the original's for every w until training moves it (Meng et al. 2023, stage 1 initialisation).
     """
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # deferred: heavy
 
     if unet.config.time_cond_proj_dim is not None:
         return copy.deepcopy(unet)
@@ -47,9 +49,6 @@ def make_student(cfg: MethodConfig, teacher_unet, phase: PhaseSpec):
     * ``phase.w_conditioned``: adds a zero-initialised guidance-embedding input (``time_cond_proj_dim``);
     * otherwise a deep copy.
     """
-    from sd_distill.distill.methods.bksdm import block_removed_unet
-    from sd_distill.distill.textcond import is_sdxl_unet
-
     check_student_arch(cfg.student_arch, is_sdxl_unet(teacher_unet))
     if phase.index == 0 and cfg.student_arch != "same":
         student = block_removed_unet(teacher_unet, cfg.student_arch)

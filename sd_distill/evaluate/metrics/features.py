@@ -14,7 +14,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
+from sd_distill.modelref import resolve_model_ref
 from sd_distill.progress import ProgressFn, report
 
 from .inception import FIDInceptionV3, find_inception_weights
@@ -32,8 +34,6 @@ def load_feature_extractor(ref: str, inception_weights: str | None = None, devic
     ``config.json`` naming a class (``"module.Class"`` inside ``sd_distill``, or a bare class name of
     ``sd_distill.toy.classifier``): ``Class.from_pretrained(folder)``.
     """
-    from sd_distill.modelref import resolve_model_ref
-
     if ref == INCEPTION_REF:
         model = FIDInceptionV3.from_weights(find_inception_weights(inception_weights))
     else:
@@ -88,8 +88,6 @@ def _resolve_class(name: str, config_path: Path):
 
 def images_to_tensor(images: Sequence, size: int | None = None) -> torch.Tensor:
     """PIL images -> [N, 3, H, W] float in [0, 1]; ``size`` center-crops to a square and resizes (bicubic)."""
-    from PIL import Image
-
     arrays = []
     for im in images:
         im = im.convert("RGB")
