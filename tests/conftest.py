@@ -20,3 +20,10 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow (whole-stage, whole-DAG) tests run first, so that with two workers (``make test``) the
+    longest files do not start last and leave one worker idle at the end. The order within a file is kept."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
