@@ -7,7 +7,7 @@ import json
 
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from sd_distill.curate.collect import collect_sources
 from sd_distill.curate.config import CurateParams, DownloadParams, SourceSpec
@@ -130,5 +130,5 @@ def test_rgb_image_bytes_leaves_rgb_untouched_and_converts_palette():
     assert rgb_image_bytes(rgb, "png", 1)[0] == rgb
     data, w, h, note = rgb_image_bytes(png_bytes(color_image(2).convert("P")), "png", 1)
     assert Image.open(io.BytesIO(data)).mode == "RGB" and (w, h) == (24, 24) and note == "converted P to RGB"
-    with pytest.raises(Exception):
+    with pytest.raises(UnidentifiedImageError):
         rgb_image_bytes(b"not an image", "png", 1)

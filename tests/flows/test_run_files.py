@@ -3,8 +3,13 @@
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import ValidationError
 
 from flows.curate_and_distill import main
+from sd_distill.curate.config import CurateParams
+from sd_distill.distill.config import DistillParams
+from sd_distill.evaluate.config import EvaluateParams
 from sd_distill.runfile import load_run_file
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
@@ -13,7 +18,10 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_run_files_validate(path):
     params = load_run_file(path)
-    assert "distill" in params or "curate" in params
+    assert set(params) == set(yaml.safe_load(path.read_text()))  # every key of the file, validated
+    assert {"curate", "distill"} <= set(params)  # each shipped run file names its data and its method
+    for key, model in (("curate", CurateParams), ("distill", DistillParams), ("evaluate", EvaluateParams)):
+        assert key not in params or isinstance(params[key], model)
 
 
 def test_unknown_top_level_key_is_named(tmp_path):
@@ -26,7 +34,7 @@ def test_unknown_top_level_key_is_named(tmp_path):
 def test_invalid_field_fails_before_anything_runs(tmp_path):
     bad = tmp_path / "run.yaml"
     bad.write_text("distill:\n  method: {kind: magic}\n")
-    with pytest.raises(Exception, match="kind"):
+    with pytest.raises(ValidationError, match="kind"):
         load_run_file(bad)
 
 
