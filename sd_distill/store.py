@@ -206,6 +206,9 @@ class LocalBackend:
 
     def temp_folder(self, stage: str, key: str) -> Path:
         os.makedirs(f"{self.root}/{stage}", exist_ok=True)
+        # called under the key's lock, so another <key>.tmp-* is the leftover of a killed build (SIGKILL skips cleanup)
+        for stale in Path(f"{self.root}/{stage}").glob(f"{key}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         return Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=f"{self.root}/{stage}"))
 
     def lock_file(self, stage: str, key: str, folder: str) -> str:

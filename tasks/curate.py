@@ -6,6 +6,8 @@ Partitioned runs (``params.partitions > 1``) call the per-partition tasks with `
 
 from __future__ import annotations
 
+import shutil
+
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from sd_distill import curate as lib
@@ -27,10 +29,14 @@ def collect_sources(params, upstream, store_root):
 def download_images(params, upstream, store_root, suffix=None):
     """Download / load every sample's image (or one partition's: ``suffix`` is its label) with img2dataset."""
     partition = parse_partition_label(suffix) if suffix else None
-    # img2dataset's partial shards live in the stage's work dir, so a retried download resumes
-    return lambda out, inputs, progress: lib.download_images(
-        params, inputs[0], out, progress=progress, work_dir=work_dir(), partition=partition
-    )
+
+    def fn(out, inputs, progress):
+        work = work_dir()  # img2dataset's partial shards live here, so a retried download resumes
+        counts = lib.download_images(params, inputs[0], out, progress=progress, work_dir=work, partition=partition)
+        shutil.rmtree(work, ignore_errors=True)  # the raw shards duplicate downloaded.parquet once it is written
+        return counts
+
+    return fn
 
 
 @stage_task("curate/score", key_of=lambda p: p.filter, description="curate: HPSv2 scoring")

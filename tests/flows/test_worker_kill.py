@@ -3,7 +3,7 @@ mid-download, rerun the deployment on a new worker, SIGKILL it again mid-trainin
 
 The DAG (``curate-and-distill/demo`` from deploy/prefect.yaml) curates a URL list served by the loopback
 ``hostile_server`` (every request counted, ``slowgood`` answers throttled so img2dataset's 3-row shards take
-about a second each), then distils the toy teacher for a few steps with a checkpoint every two. The third run
+over half a second each), then distils the toy teacher for a few steps with a checkpoint every two. The third run
 completes; the URLs of the shards img2dataset finished before the first kill are requested exactly once in
 all; training resumes from the checkpoint the second kill left (the phase's manifest records
 ``resumed_from`` and ``steps_this_run``); and in the curated set rows in = kept + rejected.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import time
 from contextlib import contextmanager
@@ -42,23 +41,29 @@ def _params(url_list: Path, store: Path) -> dict:
                          "allowed_networks": ["127.0.0.1/32"]},
         },
         "distill": {"trainer": {"max_steps": MAX_STEPS, "checkpoint_every": CHECKPOINT_EVERY}},
-        "toy_eval_prompts": 8,
+        "toy_eval_prompts": 4,
         "store_root": str(store),
     }
 
 
-def _start(env: dict, params: dict) -> str:
-    out = prefect_cli(env, "deployment", "run", "curate-and-distill/demo", "--params", json.dumps(params))
-    match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
-    assert match, out
-    return match.group(1)
-
-
-def _state(api_url: str, run_id: str) -> str:
+@contextmanager
+def _client(api_url: str):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        yield client
+
+
+def _start(api_url: str, params: dict) -> str:
+    """A new flow run of the deployment (what `prefect deployment run` does, without starting a CLI process)."""
+    with _client(api_url) as client:
+        deployment = client.read_deployment_by_name("curate-and-distill/demo")
+        return str(client.create_flow_run_from_deployment(deployment.id, parameters=params).id)
+
+
+def _state(api_url: str, run_id: str) -> str:
+    with _client(api_url) as client:
         state = client.read_flow_run(run_id).state
     return state.type.value if state is not None else "NONE"
 
@@ -107,8 +112,16 @@ def _alive(pid: int) -> bool:
 
 
 def _sigkill_worker(worker) -> list[int]:
-    """SIGKILL the worker's process group, then any process of its tree outside the group (a lost machine)."""
+    """SIGKILL the worker's process group, then any process of its tree outside the group (a lost machine);
+    returns the PIDs of the tree that were outside the group."""
     tree = _tree(worker.pid)
+    outside = []
+    for pid in tree:
+        try:
+            if os.getpgid(pid) != worker.pid:
+                outside.append(pid)
+        except ProcessLookupError:
+            pass
     os.killpg(worker.pid, signal.SIGKILL)
     for pid in tree:
         try:
@@ -117,7 +130,7 @@ def _sigkill_worker(worker) -> list[int]:
             pass
     worker.wait(timeout=10)
     _wait_for(lambda: not any(_alive(p) for p in tree), 10, "the killed processes to exit")
-    return tree
+    return outside
 
 
 @contextmanager
@@ -157,32 +170,43 @@ def _manifests(store: Path, stage_glob: str) -> list[dict]:
 def test_sigkill_worker_mid_download_and_mid_training_then_rerun_completes(tmp_path):
     home, store = tmp_path / "prefect-home", tmp_path / "store"
     home.mkdir()
-    with hostile_server(max_seconds=900, slow_good_s=0.3) as srv, prefect_server(home) as (api_url, _, env):
+    t0 = time.monotonic()
+    mark = lambda what: print(f"{time.monotonic() - t0:6.1f}s {what}")  # noqa: E731 - where the time goes (-s)
+    with hostile_server(max_seconds=900, slow_good_s=0.2) as srv, prefect_server(home) as (api_url, _, env):
         urls = [srv.url("slowgood", str(i)) for i in range(N - 1)] + [srv.url("404", "x")]
         url_list = tmp_path / "urls.csv"
         pd.DataFrame({"url": urls, "caption": [f"a colour field {i}" for i in range(N)]}).to_csv(url_list, index=False)
         path = lambda url: url.split(str(srv.server_address[1]), 1)[1]  # noqa: E731 - URL -> counted path
         params = _params(url_list, store)
-        env.update(CAD_CODE_DIR=str(REPO), CAD_CPU_POOL=POOL, CAD_GPU_POOL=POOL, OMP_NUM_THREADS="1")
+        # a worker polls every second (default 10 s): a run created just after its first poll starts at once
+        env.update(CAD_CODE_DIR=str(REPO), CAD_CPU_POOL=POOL, CAD_GPU_POOL=POOL, OMP_NUM_THREADS="1",
+                   PREFECT_WORKER_QUERY_SECONDS="1")
+        mark("server up")
         prefect_cli(env, "work-pool", "create", POOL, "--type", "process")
-        prefect_cli(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml")
+        out = prefect_cli(env, "--no-prompt", "deploy", "--name", "curate-and-distill/demo", "--prefect-file", "deploy/prefect.yaml")
+        assert "curate-and-distill/demo" in out
+        mark("deployed")
 
         # 1. mid-download: img2dataset has finished at least one shard, not all of them
         with _worker(env, home / "worker-1.log") as worker:
-            run1 = _start(env, params)
+            run1 = _start(api_url, params)
             _wait_for(lambda: _finished_shard_urls(store), 180, "the first finished img2dataset shard", (api_url, run1))
-            _sigkill_worker(worker)
+            outside = _sigkill_worker(worker)
+        mark(f"killed mid-download (processes outside the worker's group: {outside})")
         finished = _finished_shard_urls(store)
         assert 1 <= len(finished) // SHARD < N // SHARD and not _manifests(store, "curate/download"), finished
+        assert list(store.glob("curate/download/*.tmp-*")), "the killed build left its temporary folder"
         after_kill1 = dict(srv.requests)
         assert all(after_kill1.get(path(u)) == 1 for u in finished), after_kill1
 
         # 2. rerun; mid-training: a checkpoint exists, the phase is not finished
         with _worker(env, home / "worker-2.log") as worker:
-            run2 = _start(env, params)
+            run2 = _start(api_url, params)
             _wait_for(lambda: _latest_checkpoint(store), 300, "a training checkpoint", (api_url, run2))
-            _sigkill_worker(worker)
+            outside = _sigkill_worker(worker)
+        mark(f"killed mid-training (processes outside the worker's group: {outside})")
         last = _latest_checkpoint(store)
+        assert last is not None, "training finished (its work folder is gone) before the kill"
         step = int(last.name.split("-")[1])
         assert CHECKPOINT_EVERY <= step < MAX_STEPS and not _manifests(store, "distill/phase-*"), last
         after_kill2 = dict(srv.requests)
@@ -191,12 +215,15 @@ def test_sigkill_worker_mid_download_and_mid_training_then_rerun_completes(tmp_p
 
         # 3. rerun on a new worker: it completes
         with _worker(env, home / "worker-3.log"):
-            run3 = _start(env, params)
+            run3 = _start(api_url, params)
             _wait_for(lambda: _state(api_url, run3) in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), 400,
-                      "the third run to end", poll=2)
+                      "the third run to end", poll=0.5)
             assert _state(api_url, run3) == "COMPLETED", (home / "worker-3.log").read_text()[-4000:]
-        # the killed runs: nothing reported their end
-        assert [_state(api_url, r) for r in (run1, run2)] == ["RUNNING", "RUNNING"]
+        mark("third run completed")
+        # the killed runs never finished (nothing reported their end: they stay Running on the server)
+        killed = [_state(api_url, r) for r in (run1, run2)]
+        assert "COMPLETED" not in killed, killed
+        mark(f"killed runs: {killed}")
         final = dict(srv.requests)
 
     # finished shards were never fetched again; every URL was fetched; the third run fetched nothing
@@ -219,3 +246,6 @@ def test_sigkill_worker_mid_download_and_mid_training_then_rerun_completes(tmp_p
     rejected = len(pd.read_parquet(shard_dir / "rejects.parquet"))
     assert (kept, rejected) == (c["kept"], c["rejected"]) and kept >= 1
     assert (store / "latest-summary.md").exists()
+    # nothing of the killed builds is left: no temporary stage folders, no work files
+    assert [p.name for p in store.glob("*/*/*.tmp-*")] == []
+    assert [str(p) for p in (store / "_work").rglob("*") if p.is_file()] == []
