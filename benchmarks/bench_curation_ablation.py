@@ -1,0 +1,228 @@
+"""What each curate step is worth to the student: the same student distilled from three curated sets.
+
+    .venv/bin/python benchmarks/bench_curation_ablation.py [--store runs/store] [--prompts 300] [--steps 300] \
+        [--data-loss-weights 0.5,0] [--json results.json] [--smoke]
+
+On the embedded toy world (the demo's sources: one toy source of 200 generated pairs, a quarter of them planted
+bad), the curate flow runs three times; every variant keeps the download step's decode checks and de-duplication:
+
+* (a) ``uncurated``: no HPS filter (``filter.top_fraction`` and ``filter.threshold`` unset: every decoded pair is
+  kept) and no recaption (``caption.enabled: false``: the cleaned original captions);
+* (b) ``hps``: the demo's HPS filter (best 70% per source by toy-HPS), no recaption;
+* (c) ``hps+recaption``: filter and recaption, the demo's default curate parameters.
+
+Each variant's steps are their own cached stages (download is shared, (b) and (c) share the score stage). The
+same student is distilled from each: the demo's distill parameters (``toy:sd``, CFG-aware 16 -> 8, half the
+states on the teacher's path) with ``--steps`` training steps and a denoising data term on the curated latents
+(``method.data_loss_weight``, one student per value of ``--data-loss-weights``). Without that term the loss sees
+the curated images only through the noised states z_t (and not at all on the teacher-path half), and the
+captions only as conditioning. Every student (and the teacher, for reference) is evaluated with DPM-Solver++ at
+8 steps, guidance 7.5, on the same ``--prompts`` held-out toy prompts and seeds: toy-FID, CLIP, toy-HPS (v2.1,
+mean over the four styles) and the attribute accuracy of the generated scenes, each with its 95% bootstrap
+interval over prompts. Then the paired differences (c)-(a), (b)-(a), (c)-(b) on the same resampled prompts
+(``sd_distill.evaluate.compare`` / ``stats``; attribute accuracy through ``sd_distill.toy.measures``), each
+called better / worse / within noise from its interval alone.
+
+``--smoke``: 48 source pairs, 4 training steps, 40 prompts (10 per style, the fewest that get intervals): checks
+the wiring in about two minutes on an idle 2-core box; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flows._common import inline_run_environment  # noqa: E402
+
+inline_run_environment()  # offline, no telemetry, a patient temporary Prefect server: before Prefect is imported
+
+from prefect import flow  # noqa: E402
+
+from flows.curate import curate  # noqa: E402
+from flows.distill import distill  # noqa: E402
+from flows.evaluate import evaluate  # noqa: E402
+from sd_distill.curate.config import CurateParams, SourceSpec  # noqa: E402
+from sd_distill.distill.config import DistillParams  # noqa: E402
+from sd_distill.evaluate.config import ModelSpec  # noqa: E402
+
+# variant label -> (description, curate parameter overrides on the demo's CurateParams)
+VARIANTS = {
+    "a": ("uncurated (decode checks + dedup only)", {"filter": {"top_fraction": None, "threshold": None},
+                                                       "caption": {"enabled": False}}),
+    "b": ("HPS filter, original captions", {"caption": {"enabled": False}}),
+    "c": ("HPS filter + recaption (demo default)", {}),
+}
+PAIRS = (("c", "a"), ("b", "a"), ("c", "b"))
+STUDENT_STEPS = 8
+# (record key, label, higher is better)
+METRICS = (("fid", "toy-FID ↓", False), ("clip", "CLIP ↑", True), ("hpsv2.1_mean", "toy-HPS ↑", True),
+           ("attribute_accuracy", "attribute accuracy ↑", True))
+
+
+def curate_params(variant: str, toy_n: int) -> CurateParams:
+    """The demo's curate parameters (``CurateParams()``), with the variant's switches and ``toy_n`` pairs."""
+    params = CurateParams().model_dump()
+    params["sources"] = [SourceSpec(kind="toy", toy_n=toy_n).model_dump()]
+    for section, values in VARIANTS[variant][1].items():
+        params[section].update(values)
+    return CurateParams.model_validate(params)
+
+
+def distill_params(steps: int, data_loss_weight: float) -> DistillParams:
+    """The demo's distill parameters with ``steps`` training steps and the data term's weight."""
+    return DistillParams.model_validate({"method": {"data_loss_weight": data_loss_weight},
+                                         "trainer": {"max_steps": steps}})
+
+
+def student_name(variant: str, weight: float) -> str:
+    return f"{variant}-w{weight:g}"
+
+
+@flow(name="bench-curation-ablation", log_prints=True)
+def ablation_flow(toy_n: int, steps: int, weights: list[float], prompts: int, store: str) -> dict:
+    timings: dict[str, float] = {}
+    shards = {}
+    for v in VARIANTS:
+        start = time.time()
+        shards[v] = curate(params=curate_params(v, toy_n), store_root=store)
+        timings[f"curate {v}"] = time.time() - start
+    students = {}
+    for w in weights:
+        for v in VARIANTS:
+            start = time.time()
+            students[student_name(v, w)] = distill(params=distill_params(steps, w), curated=shards[v].uri,
+                                                   store_root=store)
+            timings[f"distill {student_name(v, w)}"] = time.time() - start
+    models = [ModelSpec(name="teacher", ref="toy:sd", kind="teacher", steps=[STUDENT_STEPS])]
+    models += [ModelSpec(name=name, ref=m.uri, kind="student", steps=[STUDENT_STEPS]) for name, m in students.items()]
+    start = time.time()
+    report = evaluate(models=models, params=None, toy_prompts=prompts, store_root=store)
+    timings["evaluate"] = time.time() - start
+    return {"shards": {v: m.uri for v, m in shards.items()}, "sources": {v: m.upstream[0]["key"] for v, m in shards.items()},
+            "students": {n: m.uri for n, m in students.items()}, "report": report.uri, "timings": timings}
+
+
+def measure(out: dict, store: str, weights: list[float]) -> dict:
+    """Per model: each metric with its interval; per data weight and pair: the paired differences."""
+    from sd_distill.evaluate import compare
+    from sd_distill.evaluate.prompts import load_coco_prompts
+    from sd_distill.store import StageStore, load_manifest
+    from sd_distill.toy.measures import curation_measures, generation_differences, generation_measures
+
+    report = load_manifest(out["report"])
+    params = report.params
+    level = params.get("confidence", 0.95)
+    boot = {"bootstrap_samples": params.get("bootstrap_samples", 1000), "bootstrap_seed": params.get("bootstrap_seed", 0),
+            "level": level}
+    records = json.loads((report.path / "records.json").read_text())
+    prompts = load_coco_prompts(params["coco_captions"], params["coco_images"], params["max_coco_prompts"]).prompts
+    toy_rows = {r["model"]: r for r in generation_measures(records, prompts=prompts, **boot)}
+    by_name = {r["model"]: r for r in records}
+
+    rows = {}
+    for name, r in by_name.items():
+        row = {k: r.get(k) for k, _, _ in METRICS[:3]}
+        row.update({k: v for k, v in compare.interval_columns(r, ["v2.1"], level).items()
+                    if k.rsplit("_", 1)[0] in row})
+        t = toy_rows[name]
+        row.update({k: t.get(k) for k in ("attribute_accuracy", "attribute_accuracy_lo", "attribute_accuracy_hi")})
+        rows[name] = row
+
+    store_ = StageStore(store)
+    curation = {v: curation_measures(store_.find("curate/sources", out["sources"][v]).path, load_manifest(uri).path)
+                for v, uri in out["shards"].items()}
+
+    diffs = {}
+    for w in weights:
+        for hi_v, lo_v in PAIRS:
+            a, b = student_name(hi_v, w), student_name(lo_v, w)
+            # the project's paired differences compare "student" rows with "teacher" rows: relabel the pair
+            pair = [dict(by_name[a], kind="student"), dict(by_name[b], kind="teacher")]
+            found = {d["metric"]: d for d in compare.paired_differences(pair, ["v2.1"], level)}
+            toy_pair = [dict(toy_rows[a], kind="student"), dict(toy_rows[b], kind="teacher", reference=None)]
+            found.update({d["metric"]: d for d in generation_differences(toy_pair, **boot)})
+            diffs[f"({hi_v})-({lo_v}) w{w:g}"] = {k: {f: found[k][f] for f in ("diff", "lo", "hi", "verdict")}
+                                                  for k, _, _ in METRICS if k in found}
+    return {"rows": rows, "curation": curation, "differences": diffs}
+
+
+def _fmt(x, digits: int) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+DIGITS = {"fid": 1, "clip": 2, "hpsv2.1_mean": 2, "attribute_accuracy": 3}
+
+
+def tables(res: dict, weights: list[float]) -> str:
+    lines = ["| model | curated set | kept | bad kept | caption accuracy | "
+             + " | ".join(label for _, label, _ in METRICS) + " |",
+             "|" + "---|" * (5 + len(METRICS))]
+    names = ["teacher"] + [student_name(v, w) for w in weights for v in VARIANTS]
+    for name in names:
+        row = res["rows"][name]
+        if name == "teacher":
+            cells = ["teacher `toy:sd`", "–", "–", "–", "–"]
+        else:
+            v, w = name.split("-w")
+            c = res["curation"][v]
+            kept = c["samples"] - c["rejected"]
+            cells = [f"student ({v}), data weight {w}", VARIANTS[v][0], str(kept), f"{c['bad_fraction_kept']:.1%}",
+                     f"{c['caption_accuracy_final']:.3f}"]
+        for k, _, _ in METRICS:
+            d = DIGITS[k]
+            cells.append(f"{_fmt(row.get(k), d)} [{_fmt(row.get(k + '_lo'), d)}, {_fmt(row.get(k + '_hi'), d)}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences (same prompts and seeds), [95% paired bootstrap interval] and the verdict it gives:",
+              "", "| difference | " + " | ".join(label for _, label, _ in METRICS) + " |", "|" + "---|" * (1 + len(METRICS))]
+    for pair, by_metric in res["differences"].items():
+        cells = [pair]
+        for k, _, _ in METRICS:
+            r = by_metric.get(k)
+            d = DIGITS[k]
+            cells.append("–" if r is None else
+                         f"{r['diff']:+.{d}f} [{r['lo']:+.{d}f}, {r['hi']:+.{d}f}] {r['verdict']}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", default=os.environ.get("SD_DISTILL_STORE", "runs/store"), help="stage store root")
+    ap.add_argument("--prompts", type=int, default=300, help="held-out toy prompts (default 300, the demo's)")
+    ap.add_argument("--steps", type=int, default=300, help="training steps per student (default 300; the demo: 600)")
+    ap.add_argument("--data-loss-weights", default="0.5",
+                    help="comma-separated method.data_loss_weight values, one student per variant each (default 0.5)")
+    ap.add_argument("--toy-n", type=int, default=200, help="generated source pairs (default 200, the demo's)")
+    ap.add_argument("--json", help="also write the measured numbers here")
+    ap.add_argument("--smoke", action="store_true", help="tiny run (48 pairs, 4 steps, 40 prompts): wiring only")
+    args = ap.parse_args()
+    if args.smoke:
+        args.toy_n, args.steps, args.prompts = 48, 4, 40
+    weights = [float(w) for w in args.data_loss_weights.split(",") if w.strip()]
+    from flows._common import resolve_store_root
+
+    store = resolve_store_root(args.store)
+    start = time.time()
+    out = ablation_flow(args.toy_n, args.steps, weights, args.prompts, store)
+    res = measure(out, store, weights)
+    wall = time.time() - start
+    settings = (f"toy world, {args.toy_n} source pairs; student: toy:sd CFG-aware 16 -> 8, {args.steps} steps, "
+                f"data_loss_weight {', '.join(f'{w:g}' for w in weights)}; evaluated with DPM-Solver++ 8 steps, "
+                f"guidance 7.5, {args.prompts} held-out prompts ({max(1, args.prompts // 4)} per HPSv2 style); "
+                f"wall {wall:.0f} s")
+    print(settings)
+    print("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in out["timings"].items()))
+    print(tables(res, weights), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": vars(args), "wall_s": wall, **out, **res}, indent=1,
+                                              default=str))
+
+
+if __name__ == "__main__":
+    main()
