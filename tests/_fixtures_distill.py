@@ -94,3 +94,25 @@ def tiny_params(teacher: Path, method: dict | None = None, **trainer):
         "trainer": t,
         "data": {"resolution": 32, "cache_dtype": "float32", "cache_batch_size": 4},
     })
+
+
+def poison_loss(monkeypatch, bad_calls, factor: float = float("nan")) -> None:
+    """Multiply the method's loss by ``factor`` (NaN: a non-finite loss; 1e6: an exploding one) on the given
+    (1-based) loss calls: a fault injected into the real method."""
+    import sd_distill.distill.methods as methods
+
+    real = methods.build_method
+
+    def build(*args):
+        m = real(*args)
+        inner, count = m.loss, {"n": 0}
+
+        def loss(batch, generator):
+            count["n"] += 1
+            value, logs = inner(batch, generator)
+            return (value * factor if count["n"] in bad_calls else value), logs
+
+        m.loss = loss
+        return m
+
+    monkeypatch.setattr(methods, "build_method", build)

@@ -7,6 +7,9 @@
 * ``"wcond"`` one conditional evaluation with ``timestep_cond = guidance_embedding(imagen_w(s))`` (a w-conditioned
   UNet, Meng et al. 2023; w = s - 1 is what a stock ``StableDiffusionPipeline`` embeds, see :mod:`math`).
 
+``cfg_and_cond_predictions`` evaluates a CFG state and a conditional-only state in one forward (the CFG-aware
+teacher's two trajectories).
+
 s is the diffusers ``guidance_scale`` throughout.
 
 Precision: the UNet runs in whatever dtype it has (bf16 / fp16 weights, or autocast); its output is upcast to
@@ -77,6 +80,29 @@ def guided_prediction(
     out = unet(torch.cat([z_in, z_in]), torch.cat([t, t]), encoder_hidden_states=text).sample.float()
     out_u, out_c = out.chunk(2)
     return cfg_combine(out_c, out_u, guidance_scale)
+
+
+def cfg_and_cond_predictions(
+    unet, z_cfg: Tensor, z_cond: Tensor | None, t: Tensor, cond: Tensor, uncond: Tensor, guidance_scale: Tensor | float,
+) -> tuple[Tensor, Tensor]:
+    """(CFG prediction at ``z_cfg``, conditional prediction at ``z_cond``) from ONE batched forward, both fp32.
+
+    The rows are [uncond @ z_cfg; cond @ z_cfg; cond @ z_cond] (3B); with ``z_cond`` None the conditional state is
+    ``z_cfg`` itself, whose conditional row the CFG forward already holds, so the forward is [uncond; cond] (2B)
+    and the second result is that row. The values are ``guided_prediction``'s "cfg" and "cond" outputs for the same
+    inputs (up to the round-off of a different batch composition)."""
+    n = z_cfg.shape[0]
+    t = torch.as_tensor(t, device=z_cfg.device).long().reshape(-1).expand(n) if torch.as_tensor(t).numel() == 1 \
+        else torch.as_tensor(t, device=z_cfg.device).long()
+    dtype = _unet_dtype(unet) or z_cfg.dtype
+    cond, uncond = _batch(cond, n).to(dtype), _batch(uncond, n).to(dtype)
+    states, times, texts = [z_cfg.to(dtype), z_cfg.to(dtype)], [t, t], [uncond, cond]
+    if z_cond is not None:
+        states, times, texts = states + [z_cond.to(dtype)], times + [t], texts + [cond]
+    out = unet(torch.cat(states), torch.cat(times), encoder_hidden_states=torch.cat(texts)).sample.float()
+    parts = out.chunk(len(states))
+    out_u, out_c = parts[0], parts[1]
+    return cfg_combine(out_c, out_u, _per_sample(guidance_scale, n, z_cfg.device)), parts[-1]
 
 
 def _schedule(scheduler_or_alphas) -> NoiseSchedule:

@@ -81,6 +81,17 @@ class NoiseSchedule:
         return torch.as_tensor(t).long() - self.num_train_timesteps // steps
 
     def alphas_sigmas(self, t: Tensor | int, ndim: int = 4, device=None) -> tuple[Tensor, Tensor]:
-        """alpha_t, sigma_t shaped ``[B, 1, 1, 1]`` (negative t -> final_alpha_cumprod)."""
-        a, s = alphas_sigmas(self.alphas_cumprod, torch.as_tensor(t).cpu(), self.final_alpha_cumprod, ndim)
+        """alpha_t, sigma_t shaped ``[B, 1, 1, 1]`` (negative t -> final_alpha_cumprod).
+
+        A ``t`` on an accelerator is looked up in a copy of the table on that device, so the lookup never waits
+        for ``t`` to reach the host (indexing and sqrt are exact: the values equal the CPU lookup's)."""
+        t = torch.as_tensor(t)
+        table = self.alphas_cumprod if t.device.type == "cpu" else self._table_on(t.device)
+        a, s = alphas_sigmas(table, t, self.final_alpha_cumprod, ndim)
         return (a.to(device), s.to(device)) if device is not None else (a, s)
+
+    def _table_on(self, device) -> Tensor:
+        cache = self.__dict__.setdefault("_tables", {})
+        if device not in cache:
+            cache[device] = self.alphas_cumprod.to(device)
+        return cache[device]

@@ -2,7 +2,9 @@
 
 Defaults are sized for the shipped toy teacher (``toy:sd``: a CPU run of a minute or two). For a real
 SD 1.5 teacher a typical override is ``trainer: {max_steps: 10000, batch_size: 8, lr: 1e-5,
-mixed_precision: "bf16", gradient_checkpointing: true, ema_decay: 0.9999, checkpoint_every: 500}``.
+mixed_precision: "bf16", gradient_checkpointing: true, ema_decay: 0.9999, checkpoint_every: 500}``; on a GPU the
+speed fields add e.g. ``channels_last: true, compile_unets: "regional", nan_check_every: 10``
+(``benchmarks/device_gpu_speed.py`` measures them).
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ class TrainerConfig(BaseModel):
     log_every: int = Field(10, ge=1)  # optimizer steps between progress lines
     num_processes: int = Field(1, ge=1)  # processes for `accelerate launch --multi_gpu --num_processes` (GPUs; gloo on CPU)
     device: Optional[str] = None  # None = accelerate's choice (GPU when present); "cpu" forces the CPU
+    # --- speed: none of these changes what is trained (tests/distill/test_speed_options.py pins the loss sequence)
+    channels_last: bool = False  # student and teacher UNet weights in channels_last memory format (faster convs on
+    # tensor cores); off keeps the CPU default unchanged
+    compile_unets: Literal["off", "full", "regional"] = "off"  # torch.compile the student and the frozen teacher UNet:
+    # "full" the whole forward, "regional" each repeated block (transformer and resnet blocks: shorter compile,
+    # one graph reused by every block of a shape); off = eager PyTorch
+    compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None
+    # torch.compile mode; None = PyTorch's default
+    compile_backend: str = "inductor"  # torch.compile backend (torch._dynamo.list_backends()); "inductor" generates
+    # kernels, "aot_eager" traces without code generation (what the CPU tests use)
+    fused_adamw: Optional[bool] = None  # AdamW's fused kernel: None = fused on CUDA, PyTorch's default elsewhere
+    nan_check_every: int = Field(1, ge=1)  # optimizer steps between host reads of the NaN guard: 1 = every step
+    # (reads the loss each step); N > 1 = the guard runs on the device, a bad step's update is skipped there by the
+    # fused AdamW (found_inf), and losses reach the host every N steps (and at log / checkpoint steps): no host
+    # sync inside the step. Needs the fused AdamW (fused_adamw not false) and mixed_precision other than fp16
 
     @model_validator(mode="after")
     def _check(self) -> "TrainerConfig":
@@ -50,6 +67,12 @@ class TrainerConfig(BaseModel):
             raise ValueError(f"trainer.ema_decay must be in (0, 1) or None (off), got {self.ema_decay}")
         if self.loss_explode_factor is not None and self.loss_explode_factor <= 1.0:
             raise ValueError(f"trainer.loss_explode_factor must be > 1 or None, got {self.loss_explode_factor}")
+        if self.nan_check_every > 1 and self.fused_adamw is False:
+            raise ValueError("trainer.nan_check_every > 1 skips bad steps inside the fused AdamW: set trainer.fused_adamw "
+                             "to true or null (or nan_check_every to 1)")
+        if self.nan_check_every > 1 and self.mixed_precision == "fp16":
+            raise ValueError("trainer.nan_check_every > 1 is for mixed_precision 'no' / 'bf16'; with 'fp16' the gradient "
+                             "scaler reads the gradients every step anyway: use nan_check_every 1")
         return self
 
 

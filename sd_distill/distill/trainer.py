@@ -3,11 +3,14 @@
 Phases of the loop (nanoGPT-style):
   0. setup      accelerate ``Accelerator`` (1 GPU, several under ``accelerate launch``, or CPU), seeds
   1. models     teacher (frozen, in the autocast dtype), phase teacher UNet, student (fp32 weights),
-                gradient checkpointing, SDPA attention (diffusers' ``AttnProcessor2_0``), the method
-  2. optimizer  AdamW + ``LambdaLR`` over ``lr_multiplier`` (warm-up, then constant / cosine / linear)
+                gradient checkpointing, SDPA attention (diffusers' ``AttnProcessor2_0``), channels_last and
+                torch.compile when asked (``speed.py``), the method
+  2. optimizer  AdamW (fused on CUDA) + ``LambdaLR`` over ``lr_multiplier`` (warm-up, then constant / cosine / linear)
   3. resume     newest complete checkpoint: weights, optimizer, LR schedule, EMA, RNG states, data position
   4. loop       per optimizer step: grad_accum micro-batches of forward (autocast) / backward, loss
-                averaged over processes, clip, NaN guard, optimizer step, EMA, LR step, log, checkpoint
+                averaged over processes, clip, NaN guard, optimizer step, EMA, LR step, log, checkpoint;
+                with ``nan_check_every`` > 1 the guard's verdict stays on the device and the host reads losses
+                and the guard every N steps (and at log / checkpoint steps), so no step waits on a host read
   5. output     ``unet/`` (EMA weights when EMA is on), ``loss_curve.csv``, ``phase.json``
 Side concerns are hooks in ``hooks/`` (ema, nan_guard, checkpoint, progress).
 """
@@ -29,8 +32,9 @@ from sd_distill.distill.config import DistillParams, TrainerConfig
 from sd_distill.distill.data import LatentDataset, encode_pixels, micro_batch_indices
 from sd_distill.distill.hooks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sd_distill.distill.hooks.ema import EMA
-from sd_distill.distill.hooks.nan_guard import NanGuard, skip_update
+from sd_distill.distill.hooks.nan_guard import DeviceNanGuard, NanGuard, skip_update
 from sd_distill.distill.hooks.progress import ProgressHook
+from sd_distill.distill.speed import compile_unet, make_adamw, skip_step_on_device, to_channels_last
 from sd_distill.progress import ProgressFn
 
 AUTOCAST_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -129,13 +133,18 @@ def train_phase(
         use_sdpa(unet)
     if tc.gradient_checkpointing:
         student.enable_gradient_checkpointing()
+    for unet in (student, teacher_unet):
+        if tc.channels_last:
+            to_channels_last(unet)
+        compile_unet(unet, tc.compile_unets, tc.compile_mode, tc.compile_backend)
     if not dataset.cache_latents:
         teacher.vae.requires_grad_(False).eval().to(device, frozen_dtype)
     method = build_method(params.method, phase, teacher, teacher_unet, student)
 
     # 2. optimizer and learning-rate schedule ---------------------------------------------------------
     trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps, weight_decay=tc.weight_decay)
+    lazy = tc.nan_check_every > 1  # the NaN guard decides on the device, read every nan_check_every steps
+    optimizer = make_adamw(trainable, tc, device, lazy_guard=lazy)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, tc))
     student, optimizer = accelerator.prepare(student, optimizer)  # DDP wrap when several processes
     method.student = student
@@ -159,6 +168,8 @@ def train_phase(
         step, data_position, history = state["step"], state["data_position"], state["history"]
         guard.load_state_dict(state["nan_guard"])
         resumed_from = str(last_ckpt)
+    device_guard = DeviceNanGuard(guard, device) if lazy else None
+    pending: list[tuple] = []  # lazy: (step, loss, lr, grad_norm, skipped, logs) still on the device
 
     def checkpoint() -> Path:
         trainer_state = {"data_position": data_position, "history": history, "nan_guard": guard.state_dict(),
@@ -190,30 +201,51 @@ def train_phase(
                     loss, logs = method.loss(batch, generator)
                 accelerator.backward(loss / tc.grad_accum)
                 loss_sum += loss.detach().float() / tc.grad_accum
-                for k, v in logs.items():
-                    logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / tc.grad_accum
-            loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
+                for k, v in logs.items():  # tensors stay on the device (summed there), floats are summed here
+                    v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+                    logs_sum[k] = logs_sum.get(k, 0.0) + v / tc.grad_accum
+            loss_mean = accelerator.reduce(loss_sum, reduction="mean")
 
             # clip, guard, step
             grad_norm = accelerator.clip_grad_norm_(trainable, tc.max_grad_norm or float("inf"))
-            grad_norm = float(grad_norm) if grad_norm is not None else None
-            good = guard.check(step + 1, loss_value, None if tc.mixed_precision == "fp16" else grad_norm, last_ckpt)
-            if good:
-                optimizer.step()
-                if ema is not None and not getattr(optimizer, "step_was_skipped", False):
-                    ema.update(raw_student)
-            else:
-                skip_update(accelerator.scaler)
-            optimizer.zero_grad(set_to_none=True)
             lr = lr_scheduler.get_last_lr()[0]
+            if lazy:  # verdict on the device: the fused AdamW and the EMA skip a bad step without a host read
+                skip = device_guard.step(step + 1, loss_mean, grad_norm)
+                skip_step_on_device(optimizer, skip)
+                optimizer.step()
+                if ema is not None:
+                    ema.update(raw_student, skip=skip)
+                pending.append((step + 1, loss_mean, lr, grad_norm, skip, logs_sum))
+            else:
+                loss_value = loss_mean.item()
+                grad_norm = float(grad_norm) if grad_norm is not None else None
+                good = guard.check(step + 1, loss_value, None if tc.mixed_precision == "fp16" else grad_norm, last_ckpt)
+                if good:
+                    optimizer.step()
+                    if ema is not None and not getattr(optimizer, "step_was_skipped", False):
+                        ema.update(raw_student)
+                else:
+                    skip_update(accelerator.scaler)
+            optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
             step += 1
             steps_run += 1
 
-            # log and checkpoint
-            history.append({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "skipped": not good, **logs_sum})
-            hook.on_step(step, loss_value, lr=lr, phase=getattr(phase, "index", 0))
-            if good and (step % tc.checkpoint_every == 0 or step == tc.max_steps):
+            # log and checkpoint (lazy: first read the guard and the pending steps' numbers, one sync)
+            at_checkpoint = step % tc.checkpoint_every == 0 or step == tc.max_steps
+            if lazy and (at_checkpoint or step % tc.nan_check_every == 0 or step % tc.log_every == 0):
+                device_guard.read(last_ckpt)  # raises for a diverged step, as the eager guard would have
+                records, pending = read_pending(pending), []
+            elif lazy:
+                records = []
+            else:
+                records = [{"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "skipped": not good,
+                            **{k: float(v) for k, v in logs_sum.items()}}]
+            for record in records:
+                history.append(record)
+                hook.on_step(record["step"], record["loss"], lr=record["lr"], phase=getattr(phase, "index", 0))
+            good = bool(records) and not records[-1]["skipped"]
+            if good and at_checkpoint:
                 last_ckpt = checkpoint()
     finally:
         getattr(method, "close", lambda: None)()  # e.g. BK-SDM's feature hooks
@@ -223,6 +255,8 @@ def train_phase(
     accelerator.wait_for_everyone()
     if last_ckpt is None or not str(last_ckpt).endswith(f"{step:07d}"):
         last_ckpt = checkpoint()
+    if ema is not None:
+        ema.sync()
     summary = {
         "phase": _dump(phase),
         "steps": step,
@@ -256,7 +290,29 @@ def train_phase(
 
 
 # parameters that may change between an interrupted run and its resumption without changing the result
-RESUME_MAY_CHANGE = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints"}
+RESUME_MAY_CHANGE = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "nan_check_every"}
+
+
+def read_pending(pending: list[tuple]) -> list[dict]:
+    """History records of the steps whose numbers are still on the device: one read for all of them.
+
+    ``pending``: (step, loss, lr, grad_norm, skip, logs) per step, with device scalars for loss, grad_norm (or None),
+    skip and the logs' values (floats are taken as they are). The values are those the eager path records
+    (float32 losses and norms, the logs summed in float32)."""
+    if not pending:
+        return []
+    device = pending[0][1].device
+    rows = []
+    for _, loss, _, grad_norm, skip, logs in pending:
+        norm = grad_norm if grad_norm is not None else torch.tensor(float("nan"), device=device)
+        rows += [loss, norm, skip] + [torch.as_tensor(v, device=device) for v in logs.values()]
+    values = iter(torch.stack([v.detach().float().reshape(()) for v in rows]).cpu().tolist())
+    records = []
+    for step, _, lr, grad_norm, _, logs in pending:
+        loss, norm, skipped = next(values), next(values), next(values)
+        records.append({"step": step, "loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else norm,
+                        "skipped": bool(skipped), **{k: next(values) for k in logs}})
+    return records
 
 
 def check_resumable(folder: Path, params: DistillParams, phase, world: int) -> None:

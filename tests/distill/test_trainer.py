@@ -12,7 +12,7 @@ from sd_distill.distill.hooks.ema import EMA
 from sd_distill.distill.hooks.nan_guard import NanGuard, TrainingDivergedError, skip_update
 from sd_distill.distill.methods import plan_phases
 from sd_distill.distill.trainer import lr_multiplier, train_phase
-from tests._fixtures_distill import tiny_params
+from tests._fixtures_distill import poison_loss, tiny_params
 
 
 def _phase(params):
@@ -76,29 +76,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights_as_an_uninterrup
     assert full["final_loss"] == resumed["final_loss"]
 
 
-def _poison(monkeypatch, bad_calls):
-    """Make the method's loss NaN on the given (1-based) loss calls: a fault injected into the real method."""
-    import sd_distill.distill.methods as methods
-
-    real = methods.build_method
-
-    def build(*args):
-        m = real(*args)
-        inner, count = m.loss, {"n": 0}
-
-        def loss(batch, generator):
-            count["n"] += 1
-            value, logs = inner(batch, generator)
-            return (value * float("nan") if count["n"] in bad_calls else value), logs
-
-        m.loss = loss
-        return m
-
-    monkeypatch.setattr(methods, "build_method", build)
-
-
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_teacher, tiny_cache, tmp_path, monkeypatch):
-    _poison(monkeypatch, {5})
+    poison_loss(monkeypatch, {5})
     params = tiny_params(tiny_teacher, max_steps=6, checkpoint_every=2)
     with pytest.raises(TrainingDivergedError, match="diverged at step 5: loss is nan.*step-0000004") as err:
         train_phase(params, _phase(params), tiny_cache, tmp_path / "p")
@@ -108,7 +87,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ti
 
 
 def test_nan_patience_skips_a_bad_step_without_touching_the_weights(tiny_teacher, tiny_cache, tmp_path, monkeypatch):
-    _poison(monkeypatch, {2})
+    poison_loss(monkeypatch, {2})
     params = tiny_params(tiny_teacher, max_steps=3, nan_patience=1)
     out = train_phase(params, _phase(params), tiny_cache, tmp_path / "p")
     assert out["steps"] == 3 and out["skipped_steps"] == 1

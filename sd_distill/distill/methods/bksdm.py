@@ -157,12 +157,12 @@ class BkSdmDistillation:
             h.remove()
         self._handles.clear()
 
-    def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         x0, cond, uncond = unpack_batch(batch)
         n, device, dtype = x0.shape[0], x0.device, x0.dtype
         # 1. noise at a random training timestep; some samples on the negative prompt (keeps CFG usable)
         t = random_timesteps(n, self.schedule.num_train_timesteps, generator, device)
-        alpha_t, sigma_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t.cpu(), device=device))
+        alpha_t, sigma_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t, device=device))
         eps = randn(x0.shape, generator, device, dtype)
         z_t = add_noise(x0, eps, alpha_t, sigma_t)
         drop = (uniform(n, 0.0, 1.0, generator, device) < UNCOND_PROB).reshape(-1, 1, 1)
@@ -185,6 +185,6 @@ class BkSdmDistillation:
         self._feats_s.clear()
         self._feats_t.clear()
         total = self.cfg.kd_task_weight * l_task + self.cfg.kd_out_weight * l_out + self.cfg.kd_feat_weight * l_feat
-        logs = {"loss": float(total.detach()), "loss_task": float(l_task.detach()), "loss_kd_out": float(l_out.detach()),
-                "loss_kd_feat": float(l_feat.detach())}
+        logs = {"loss": total.detach(), "loss_task": l_task.detach(), "loss_kd_out": l_out.detach(),
+                "loss_kd_feat": l_feat.detach()}
         return total, logs

@@ -10,7 +10,8 @@ Per batch (symbols as in :mod:`sd_distill.diffusion.math`):
     :func:`~sd_distill.distill.methods.common.teacher_trajectory_states`).
  2. s ~ U[guidance_min, guidance_max] per sample (diffusers form, see ``cfg_combine``).
  3. Teacher, no grad, k = teacher_steps / student_steps DDIM steps t -> t_end:
-    with CFG at s -> z''_cfg, and conditional only -> z''_van.
+    with CFG at s -> z''_cfg, and conditional only -> z''_van; both trajectories share one batched forward per
+    sub-step (:func:`~sd_distill.distill.methods.common.teacher_cfg_and_cond_endpoints`).
  4. Targets x~ = two_step_target(z_t, z'', ...) for both (the x0 that reaches z'' in one DDIM step).
  5. Student, one batched forward of (uncond, cond): x_hat_cfg = cfg_combine(x_hat_c, x_hat_u, s), x_hat_van = x_hat_c.
  6. loss = cfg_loss_weight * L(x_hat_cfg, x~_cfg) + vanilla_loss_weight * L(x_hat_van, x~_van)
@@ -34,7 +35,8 @@ from sd_distill.diffusion.sampling import guided_prediction
 from sd_distill.diffusion.math import to_x0
 from sd_distill.distill.methods.config import training_schedule
 from sd_distill.distill.methods.common import (data_loss, randn, regression_loss, student_intervals,
-                                               teacher_endpoint, teacher_trajectory_states, uniform, unpack_batch)
+                                               teacher_cfg_and_cond_endpoints, teacher_endpoint, teacher_trajectory_states,
+                                               uniform, unpack_batch)
 
 
 class CfgAwareDistillation:
@@ -53,14 +55,14 @@ class CfgAwareDistillation:
         self.student_steps = phase.student_steps
         self.k = phase.teacher_steps // phase.student_steps
 
-    def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         x0, cond, uncond = unpack_batch(batch)
         n, device, dtype = x0.shape[0], x0.device, x0.dtype
         cfg = self.cfg
         # 1-2. interval, noise, guidance
         t, t_end = student_intervals(self.schedule, self.student_steps, n, generator, device)
-        alpha_t, sigma_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t.cpu(), device=device))
-        alpha_e, sigma_e = (v.to(dtype) for v in self.schedule.alphas_sigmas(t_end.cpu(), device=device))
+        alpha_t, sigma_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t, device=device))
+        alpha_e, sigma_e = (v.to(dtype) for v in self.schedule.alphas_sigmas(t_end, device=device))
         z_t = add_noise(x0, randn(x0.shape, generator, device, dtype), alpha_t, sigma_t)
         guidance_scale = uniform(n, cfg.guidance_min, cfg.guidance_max, generator, device)
         on_path = torch.zeros(n, dtype=torch.bool, device=device)
@@ -74,15 +76,18 @@ class CfgAwareDistillation:
                                                       self.prediction_type)
         # 3-4. teacher endpoints and one-step targets
         use_cfg, use_van = cfg.cfg_loss_weight > 0, cfg.vanilla_loss_weight > 0
-        targets = {}
-        if use_cfg:
-            z_e = teacher_endpoint(self.teacher_unet, self.schedule, z_t, t, t_end, self.k, cond, uncond,
-                                   guidance_scale, "cfg", self.prediction_type)
-            targets["cfg"] = two_step_target(z_t, z_e, alpha_t, sigma_t, alpha_e, sigma_e)
-        if use_van:
-            z_e = teacher_endpoint(self.teacher_unet, self.schedule, z_t, t, t_end, self.k, cond, None, 1.0, "cond",
-                                   self.prediction_type)
-            targets["vanilla"] = two_step_target(z_t, z_e, alpha_t, sigma_t, alpha_e, sigma_e)
+        ends = {}
+        if use_cfg and use_van:  # both trajectories in one teacher forward per sub-step
+            ends["cfg"], ends["vanilla"] = teacher_cfg_and_cond_endpoints(
+                self.teacher_unet, self.schedule, z_t, t, t_end, self.k, cond, uncond, guidance_scale,
+                self.prediction_type)
+        elif use_cfg:
+            ends["cfg"] = teacher_endpoint(self.teacher_unet, self.schedule, z_t, t, t_end, self.k, cond, uncond,
+                                           guidance_scale, "cfg", self.prediction_type)
+        elif use_van:
+            ends["vanilla"] = teacher_endpoint(self.teacher_unet, self.schedule, z_t, t, t_end, self.k, cond, None, 1.0,
+                                               "cond", self.prediction_type)
+        targets = {key: two_step_target(z_t, z_e, alpha_t, sigma_t, alpha_e, sigma_e) for key, z_e in ends.items()}
         # 5. student: cond (and uncond) in one forward
         if use_cfg:
             out = self.student(torch.cat([z_t, z_t]), torch.cat([t, t]),
@@ -94,21 +99,21 @@ class CfgAwareDistillation:
             x_c = to_x0(guided_prediction(self.student, z_t, t, cond, None, 1.0, "cond"), z_t, alpha_t, sigma_t,
                         self.prediction_type)
         # 6. mixed loss
-        logs: dict[str, float] = {"t_mean": float(t.float().mean()), "guidance_mean": float(guidance_scale.mean())}
+        logs = {"t_mean": t.float().mean(), "guidance_mean": guidance_scale.mean()}  # device tensors: no host read
         total = x0.new_zeros((), dtype=torch.float32)
         if use_cfg:
             l_cfg = regression_loss(cfg_combine(x_c, x_u, guidance_scale), targets["cfg"], z_t, alpha_t, sigma_t,
                                     cfg.loss_space, cfg.snr_weighting, end=(alpha_e, sigma_e))
             total = total + cfg.cfg_loss_weight * l_cfg
-            logs["loss_cfg"] = float(l_cfg.detach())
+            logs["loss_cfg"] = l_cfg.detach()
         if use_van:
             l_van = regression_loss(x_c, targets["vanilla"], z_t, alpha_t, sigma_t, cfg.loss_space, cfg.snr_weighting,
                                     end=(alpha_e, sigma_e))
             total = total + cfg.vanilla_loss_weight * l_van
-            logs["loss_vanilla"] = float(l_van.detach())
+            logs["loss_vanilla"] = l_van.detach()
         if cfg.data_loss_weight > 0:  # SD's own objective on the rows that are noised curated latents
             l_data = data_loss(x_c, x0, z_t, alpha_t, sigma_t, self.prediction_type, rows=~on_path)
             total = total + cfg.data_loss_weight * l_data
-            logs["loss_data"] = float(l_data.detach())
-        logs["loss"] = float(total.detach())
+            logs["loss_data"] = l_data.detach()
+        logs["loss"] = total.detach()
         return total, logs

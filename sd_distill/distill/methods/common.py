@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from sd_distill.diffusion.math import convert, ddim_endpoint_scale, ddim_step, snr_weight, to_eps, to_x0
-from sd_distill.diffusion.sampling import GuidanceMode, guided_prediction
+from sd_distill.diffusion.sampling import GuidanceMode, cfg_and_cond_predictions, guided_prediction
 from sd_distill.diffusion.schedule import NoiseSchedule
 from sd_distill.distill.textcond import TextCond
 
@@ -20,12 +20,13 @@ class DistillMethod(Protocol):
     """What the trainer drives: a trainable ``student`` and a loss on one batch.
 
     ``batch``: "latents" [B,4,h,w] (already * vae scaling_factor), "prompt_embeds" [B,L,D],
-    "negative_embeds" [B,L,D] (or [1,L,D]). Returns (scalar loss with grad, float logs).
+    "negative_embeds" [B,L,D] (or [1,L,D]). Returns (scalar loss with grad, logs): the logs are detached 0-d
+    tensors (or floats), read by the trainer only when it records a step, so a step needs no host read.
     """
 
     student: torch.nn.Module
 
-    def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]: ...
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]: ...
 
 
 def randn(shape, generator: torch.Generator, device, dtype=torch.float32) -> Tensor:
@@ -50,8 +51,8 @@ def student_intervals(schedule: NoiseSchedule, student_steps: int, n: int, gener
     Training on the grid the student samples with makes its N-step sampler see exactly the trained intervals.
     ``t_end`` < 0 means the last step (to the final alpha).
     """
-    grid = schedule.timesteps(student_steps)
-    idx = torch.randint(0, len(grid), (n,), generator=generator, device=generator.device).cpu()
+    grid = schedule.timesteps(student_steps).to(generator.device)  # drawn and looked up where the generator is
+    idx = torch.randint(0, len(grid), (n,), generator=generator, device=generator.device)
     t = grid[idx]
     return t.to(device), schedule.prev_timestep(t, student_steps).to(device)
 
@@ -88,16 +89,22 @@ def unpack_batch(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | TextCond, T
     return x0, cond.to(x0.dtype), uncond.to(x0.dtype)
 
 
-def x0_and_eps(unet, z, t, cond, uncond, guidance_scale, mode: GuidanceMode, prediction_type: str,
-               schedule: NoiseSchedule) -> tuple[Tensor, Tensor]:
-    """The UNet's (x_hat, eps_hat) at (z_t, t) under a guidance mode, converted from its prediction type.
+def _next_time(t: Tensor, t_end: Tensor, j: int, k: int) -> Tensor:
+    """t_j = t - round(j (t - t_end) / k), t_k = t_end; negative (past the last step) is -1."""
+    t_next = t_end if j == k else t - torch.round(j * (t - t_end).float() / k).long()
+    return torch.where(t_next < 0, torch.full_like(t_next, -1), t_next)
 
-    fp32 whatever the UNet's dtype: the prediction is upcast by ``guided_prediction`` and alpha_t, sigma_t and z_t
-    enter the conversion in fp32 (a bf16 teacher must not see a bf16-rounded schedule)."""
-    pred = guided_prediction(unet, z, t.clamp(min=0), cond, uncond, guidance_scale, mode)
-    alpha, sigma = schedule.alphas_sigmas(t.cpu(), device=z.device)
-    z = z.float()
-    return to_x0(pred, z, alpha, sigma, prediction_type), to_eps(pred, z, alpha, sigma, prediction_type)
+
+def _ddim_substep(pred: Tensor, z: Tensor, t_cur: Tensor, t_next: Tensor, active: Tensor, schedule: NoiseSchedule,
+                  prediction_type: str) -> Tensor:
+    """One DDIM update z_t -> z_t_next from the teacher's prediction; rows not ``active`` stay where they are.
+
+    fp32 whatever the UNet's dtype: ``pred`` is already upcast and alpha_t, sigma_t and z_t enter the conversion in
+    fp32 (a bf16 teacher must not see a bf16-rounded schedule)."""
+    alpha, sigma = schedule.alphas_sigmas(t_cur, device=z.device)
+    x0, eps = to_x0(pred, z, alpha, sigma, prediction_type), to_eps(pred, z, alpha, sigma, prediction_type)
+    a_n, s_n = schedule.alphas_sigmas(t_next, device=z.device)
+    return torch.where(active.reshape(-1, 1, 1, 1), ddim_step(z, x0, eps, a_n, s_n), z)
 
 
 @torch.no_grad()
@@ -111,15 +118,36 @@ def teacher_endpoint(unet, schedule: NoiseSchedule, z_t: Tensor, t: Tensor, t_en
     """
     z, t_cur = z_t.float(), t.clone()
     for j in range(1, k + 1):
-        t_next = t_end if j == k else t - torch.round(j * (t - t_end).float() / k).long()
-        t_next = torch.where(t_next < 0, torch.full_like(t_next, -1), t_next)
-        active = t_cur >= 0
-        x0, eps = x0_and_eps(unet, z, t_cur, cond, uncond, guidance_scale, mode, prediction_type, schedule)
-        a_n, s_n = schedule.alphas_sigmas(t_next.cpu(), device=z.device)
-        z_new = ddim_step(z, x0, eps, a_n, s_n)
-        z = torch.where(active.reshape(-1, 1, 1, 1), z_new, z)
-        t_cur = torch.where(active, t_next, t_cur)
+        t_next = _next_time(t, t_end, j, k)
+        pred = guided_prediction(unet, z, t_cur.clamp(min=0), cond, uncond, guidance_scale, mode)
+        z = _ddim_substep(pred, z, t_cur, t_next, t_cur >= 0, schedule, prediction_type)
+        t_cur = torch.where(t_cur >= 0, t_next, t_cur)
     return z
+
+
+@torch.no_grad()
+def teacher_cfg_and_cond_endpoints(unet, schedule: NoiseSchedule, z_t: Tensor, t: Tensor, t_end: Tensor, k: int,
+                                   cond, uncond, guidance_scale, prediction_type: str) -> tuple[Tensor, Tensor]:
+    """``teacher_endpoint`` in mode "cfg" (at s) and in mode "cond" from the same (z_t, t), one teacher forward per
+    sub-step for both (:func:`~sd_distill.diffusion.sampling.cfg_and_cond_predictions`).
+
+    1. Sub-step 1: both trajectories stand at (z_t, t): one forward of [uncond; cond] (2B rows) gives the CFG
+       prediction and, as its conditional half, the conditional one.
+    2. Sub-steps 2..k: one forward of [uncond @ z_cfg; cond @ z_cfg; cond @ z_cond] (3B rows).
+    3. Each trajectory takes ``teacher_endpoint``'s fp32 DDIM update.
+    Teacher rows (3k - 1) B in k forwards, against 3k B in 2k forwards for two ``teacher_endpoint`` calls; the
+    results equal those calls' up to batching round-off.
+    """
+    z_cfg, z_cond, t_cur = z_t.float(), None, t.clone()
+    for j in range(1, k + 1):
+        t_next, active = _next_time(t, t_end, j, k), t_cur >= 0
+        pred_cfg, pred_cond = cfg_and_cond_predictions(unet, z_cfg, z_cond, t_cur.clamp(min=0), cond, uncond,
+                                                       guidance_scale)
+        z_cond = _ddim_substep(pred_cond, z_cfg if z_cond is None else z_cond, t_cur, t_next, active, schedule,
+                               prediction_type)
+        z_cfg = _ddim_substep(pred_cfg, z_cfg, t_cur, t_next, active, schedule, prediction_type)
+        t_cur = torch.where(active, t_next, t_cur)
+    return z_cfg, z_cond
 
 
 @torch.no_grad()

@@ -54,8 +54,8 @@ def _with_data_term(method, loss: Tensor, logs: dict, x0, z_t, t, cond, alpha, s
     x_hat = to_x0(guided_prediction(method.student, z_t, t, cond, None, 1.0, "wcond"), z_t, alpha, sigma,
                   method.prediction_type)
     l_data = data_loss(x_hat, x0, z_t, alpha, sigma, method.prediction_type)
-    logs["loss_distill"] = float(loss.detach())
-    logs["loss_data"] = float(l_data.detach())
+    logs["loss_distill"] = loss.detach()
+    logs["loss_data"] = l_data.detach()
     return loss + weight * l_data
 
 
@@ -73,12 +73,12 @@ class WConditionedStage1:
         self.student_steps = phase.student_steps
         self.teacher_mode = "wcond" if teacher_unet.config.time_cond_proj_dim is not None else "cfg"
 
-    def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         x0, cond, uncond = unpack_batch(batch)
         n, device, dtype = x0.shape[0], x0.device, x0.dtype
         t, t_end = student_intervals(self.schedule, self.student_steps, n, generator, device)
-        alpha_t, sigma_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t.cpu(), device=device))
-        end = tuple(v.to(dtype) for v in self.schedule.alphas_sigmas(t_end.cpu(), device=device))
+        alpha_t, sigma_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t, device=device))
+        end = tuple(v.to(dtype) for v in self.schedule.alphas_sigmas(t_end, device=device))
         z_t = add_noise(x0, randn(x0.shape, generator, device, dtype), alpha_t, sigma_t)
         guidance_scale = uniform(n, self.cfg.guidance_min, self.cfg.guidance_max, generator, device)
         with torch.no_grad():
@@ -88,9 +88,9 @@ class WConditionedStage1:
                      self.prediction_type)
         loss = regression_loss(pred, target, z_t, alpha_t, sigma_t, self.cfg.loss_space, self.cfg.snr_weighting,
                                end=end)
-        logs = {"guidance_mean": float(guidance_scale.mean())}
+        logs = {"guidance_mean": guidance_scale.mean()}
         loss = _with_data_term(self, loss, logs, x0, z_t, t, cond, alpha_t, sigma_t)
-        return loss, {"loss": float(loss.detach()), **logs}
+        return loss, {"loss": loss.detach(), **logs}
 
 
 class WConditionedHalving:
@@ -110,12 +110,12 @@ class WConditionedHalving:
         self.prediction_type = teacher.prediction_type
         self.student_steps = phase.student_steps
 
-    def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         x0, cond, _ = unpack_batch(batch)
         n, device, dtype = x0.shape[0], x0.device, x0.dtype
         t, t_end = student_intervals(self.schedule, self.student_steps, n, generator, device)
-        alpha_t, sigma_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t.cpu(), device=device))
-        alpha_e, sigma_e = (v.to(dtype) for v in self.schedule.alphas_sigmas(t_end.cpu(), device=device))
+        alpha_t, sigma_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t, device=device))
+        alpha_e, sigma_e = (v.to(dtype) for v in self.schedule.alphas_sigmas(t_end, device=device))
         z_t = add_noise(x0, randn(x0.shape, generator, device, dtype), alpha_t, sigma_t)
         guidance_scale = uniform(n, self.cfg.guidance_min, self.cfg.guidance_max, generator, device)
         z_e = teacher_endpoint(self.teacher_unet, self.schedule, z_t, t, t_end, 2, cond, None, guidance_scale, "wcond",
@@ -125,6 +125,6 @@ class WConditionedHalving:
                      sigma_t, self.prediction_type)
         loss = regression_loss(pred, target, z_t, alpha_t, sigma_t, self.cfg.loss_space, self.cfg.snr_weighting,
                                end=(alpha_e, sigma_e))
-        logs = {"t_mean": float(t.float().mean()), "guidance_mean": float(guidance_scale.mean())}
+        logs = {"t_mean": t.float().mean(), "guidance_mean": guidance_scale.mean()}
         loss = _with_data_term(self, loss, logs, x0, z_t, t, cond, alpha_t, sigma_t)
-        return loss, {"loss": float(loss.detach()), **logs}
+        return loss, {"loss": loss.detach(), **logs}

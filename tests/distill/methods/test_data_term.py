@@ -50,6 +50,7 @@ def test_multi_loss_adds_the_weighted_data_term_and_data_only_training_denoises(
     phase = plan_phases(cfg)[0]
     method = build_method(cfg, phase, teacher, teacher.unet, make_student(cfg, teacher.unet, phase))
     loss, logs = method.loss(batch, torch.Generator().manual_seed(0))
+    logs = {k: float(v) for k, v in logs.items()}  # detached device scalars
     distill = logs["loss_distill"] if kind == "w_conditioned" else logs["loss_cfg"] + logs["loss_vanilla"]
     assert logs["loss_data"] > 0
     assert float(loss.detach()) == pytest.approx(distill + 2.0 * logs["loss_data"], rel=1e-5)
