@@ -54,9 +54,12 @@ class OpenClipModel:
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings, float32, for a preprocessed batch [B, 3, H, W]."""
-        dtype = next(self.model.parameters()).dtype
+        # the dtype of the patch-embedding convolution (open_clip's "bf16" keeps embeddings / norms in fp32)
+        visual = getattr(self.model, "visual", self.model)
+        dtype = next((m.weight.dtype for m in visual.modules() if isinstance(m, torch.nn.Conv2d)),
+                     next(self.model.parameters()).dtype)
         with self._autocast():
-            feats = self.model.encode_image(pixels.to(self.device, dtype=dtype))
+            feats = self.model.encode_image(pixels.to(self.device, dtype=dtype, non_blocking=True))
         return torch.nn.functional.normalize(feats.float(), dim=-1)
 
     @torch.no_grad()
