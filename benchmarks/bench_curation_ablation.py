@@ -16,12 +16,13 @@ same student is distilled from each: the demo's distill parameters (``toy:sd``, 
 states on the teacher's path) with ``--steps`` training steps and a denoising data term on the curated latents
 (``method.data_loss_weight``, one student per value of ``--data-loss-weights``). Without that term the loss sees
 the curated images only through the noised states z_t (and not at all on the teacher-path half), and the
-captions only as conditioning. Every student (and the teacher, for reference) is evaluated with DPM-Solver++ at
-8 steps, guidance 7.5, on the same ``--prompts`` held-out toy prompts and seeds: toy-FID, CLIP, toy-HPS (v2.1,
-mean over the four styles) and the attribute accuracy of the generated scenes, each with its 95% bootstrap
-interval over prompts. Then the paired differences (c)-(a), (b)-(a), (c)-(b) on the same resampled prompts
-(``sd_distill.evaluate.compare`` / ``stats``; attribute accuracy through ``sd_distill.toy.measures``), each
-called better / worse / within noise from its interval alone.
+captions only as conditioning. Every student is evaluated with DPM-Solver++ at 8 steps, and the teacher at 8
+and 20 steps (``TEACHER_STEPS``), guidance 7.5, on the same ``--prompts`` held-out toy prompts and seeds:
+toy-FID, CLIP, toy-HPS (v2.1, mean over the four styles) and the attribute accuracy of the generated scenes,
+each with its 95% bootstrap interval over prompts. Then the paired differences (c)-(a), (b)-(a), (c)-(b), and
+each student minus the teacher at 8 and at 20 steps, on the same resampled prompts (``sd_distill.evaluate.compare``
+/ ``stats``; attribute accuracy through ``sd_distill.toy.measures``), each called better / worse / within noise
+from its interval alone.
 
 ``--smoke``: 48 source pairs, 4 training steps, 40 prompts (10 per style, the fewest that get intervals): checks
 the wiring in about two minutes on an idle 2-core box; its numbers mean nothing.
@@ -60,6 +61,7 @@ VARIANTS = {
 }
 PAIRS = (("c", "a"), ("b", "a"), ("c", "b"))
 STUDENT_STEPS = 8
+TEACHER_STEPS = (8, 20)  # the teacher's rows: the student's step count and the reference's 20-step baseline
 # (record key, label, higher is better)
 METRICS = (("fid", "toy-FID ↓", False), ("clip", "CLIP ↑", True), ("hpsv2.1_mean", "toy-HPS ↑", True),
            ("attribute_accuracy", "attribute accuracy ↑", True))
@@ -99,7 +101,7 @@ def ablation_flow(toy_n: int, steps: int, weights: list[float], prompts: int, st
             students[student_name(v, w)] = distill(params=distill_params(steps, w), curated=shards[v].uri,
                                                    store_root=store)
             timings[f"distill {student_name(v, w)}"] = time.time() - start
-    models = [ModelSpec(name="teacher", ref="toy:sd", kind="teacher", steps=[STUDENT_STEPS])]
+    models = [ModelSpec(name="teacher", ref="toy:sd", kind="teacher", steps=list(TEACHER_STEPS))]
     models += [ModelSpec(name=name, ref=m.uri, kind="student", steps=[STUDENT_STEPS]) for name, m in students.items()]
     start = time.time()
     report = evaluate(models=models, params=None, toy_prompts=prompts, store_root=store)
@@ -122,8 +124,8 @@ def measure(out: dict, store: str, weights: list[float]) -> dict:
             "level": level}
     records = json.loads((report.path / "records.json").read_text())
     prompts = load_coco_prompts(params["coco_captions"], params["coco_images"], params["max_coco_prompts"]).prompts
-    toy_rows = {r["model"]: r for r in generation_measures(records, prompts=prompts, **boot)}
-    by_name = {r["model"]: r for r in records}
+    toy_rows = {_label(r): r for r in generation_measures(records, prompts=prompts, **boot)}
+    by_name = {_label(r): r for r in records}
 
     rows = {}
     for name, r in by_name.items():
@@ -138,18 +140,28 @@ def measure(out: dict, store: str, weights: list[float]) -> dict:
     curation = {v: curation_measures(store_.find("curate/sources", out["sources"][v]).path, load_manifest(uri).path)
                 for v, uri in out["shards"].items()}
 
+    def difference(a: str, b: str) -> dict:
+        # the project's paired differences compare "student" rows with "teacher" rows: relabel the pair
+        pair = [dict(by_name[a], kind="student"), dict(by_name[b], kind="teacher")]
+        found = {d["metric"]: d for d in compare.paired_differences(pair, ["v2.1"], level)}
+        toy_pair = [dict(toy_rows[a], kind="student"), dict(toy_rows[b], kind="teacher", reference=None)]
+        found.update({d["metric"]: d for d in generation_differences(toy_pair, **boot)})
+        return {k: {f: found[k][f] for f in ("diff", "lo", "hi", "verdict")} for k, _, _ in METRICS if k in found}
+
     diffs = {}
     for w in weights:
         for hi_v, lo_v in PAIRS:
-            a, b = student_name(hi_v, w), student_name(lo_v, w)
-            # the project's paired differences compare "student" rows with "teacher" rows: relabel the pair
-            pair = [dict(by_name[a], kind="student"), dict(by_name[b], kind="teacher")]
-            found = {d["metric"]: d for d in compare.paired_differences(pair, ["v2.1"], level)}
-            toy_pair = [dict(toy_rows[a], kind="student"), dict(toy_rows[b], kind="teacher", reference=None)]
-            found.update({d["metric"]: d for d in generation_differences(toy_pair, **boot)})
-            diffs[f"({hi_v})-({lo_v}) w{w:g}"] = {k: {f: found[k][f] for f in ("diff", "lo", "hi", "verdict")}
-                                                  for k, _, _ in METRICS if k in found}
+            diffs[f"({hi_v})-({lo_v}) w{w:g}"] = difference(student_name(hi_v, w), student_name(lo_v, w))
+    for w in weights:  # every student against the teacher it was distilled from
+        for v in VARIANTS:
+            for steps in TEACHER_STEPS:
+                diffs[f"({v}) w{w:g} - teacher@{steps}"] = difference(student_name(v, w), f"teacher@{steps}")
     return {"rows": rows, "curation": curation, "differences": diffs}
+
+
+def _label(record: dict) -> str:
+    """Row label: the student's name, or ``teacher@<steps>`` for the teacher's rows."""
+    return f"{record['model']}@{record['steps']}" if record.get("kind") == "teacher" else record["model"]
 
 
 def _fmt(x, digits: int) -> str:
@@ -163,11 +175,11 @@ def tables(res: dict, weights: list[float]) -> str:
     lines = ["| model | curated set | kept | bad kept | caption accuracy | "
              + " | ".join(label for _, label, _ in METRICS) + " |",
              "|" + "---|" * (5 + len(METRICS))]
-    names = ["teacher"] + [student_name(v, w) for w in weights for v in VARIANTS]
+    names = [f"teacher@{s}" for s in TEACHER_STEPS] + [student_name(v, w) for w in weights for v in VARIANTS]
     for name in names:
         row = res["rows"][name]
-        if name == "teacher":
-            cells = ["teacher `toy:sd`", "–", "–", "–", "–"]
+        if name.startswith("teacher@"):
+            cells = [f"teacher `toy:sd`, {name.split('@')[1]} steps", "–", "–", "–", "–"]
         else:
             v, w = name.split("-w")
             c = res["curation"][v]
@@ -213,7 +225,8 @@ def main() -> None:
     res = measure(out, store, weights)
     wall = time.time() - start
     settings = (f"toy world, {args.toy_n} source pairs; student: toy:sd CFG-aware 16 -> 8, {args.steps} steps, "
-                f"data_loss_weight {', '.join(f'{w:g}' for w in weights)}; evaluated with DPM-Solver++ 8 steps, "
+                f"data_loss_weight {', '.join(f'{w:g}' for w in weights)}; evaluated with DPM-Solver++ 8 steps (teacher "
+                f"{' and '.join(map(str, TEACHER_STEPS))}), "
                 f"guidance 7.5, {args.prompts} held-out prompts ({max(1, args.prompts // 4)} per HPSv2 style); "
                 f"wall {wall:.0f} s")
     print(settings)
