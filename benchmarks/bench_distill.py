@@ -17,7 +17,8 @@ checkpointing off (matmuls, convolutions, attention: teacher forwards + student 
 recomputation of checkpointing is not counted (model FLOPs utilisation). MFU = FLOPs/step x steps/s / peak,
 with the card's dense bf16 peak (H100/H200 SXM: 989 TFLOPS; override with ``--peak-tflops``).
 
-Measured once (cfg_aware 16 -> 8, epsilon teacher, batch 4, bf16, 30 s budget), NVIDIA H100 80GB HBM3:
+Measured once, before the CFG and conditional teacher trajectories shared a forward (cfg_aware 16 -> 8, epsilon
+teacher, batch 4, bf16, 30 s budget), NVIDIA H100 80GB HBM3:
 39.0 TFLOP/step (~12 UNet forward-equivalents per sample: 6 teacher forwards, student forward on 2B + backward);
 checkpointing off 12.1 samples/s, 118 TFLOPS, MFU 12.0 %, 22.4 GiB peak; on 9.2 samples/s, MFU 9.1 %, 17.8 GiB.
 """
@@ -60,13 +61,15 @@ def build(args, device):
     sched = ddim_scheduler(args.prediction_type)
     if args.gpu:
         torch.manual_seed(0)
-        teacher_unet = UNet2DConditionModel(**SD15_UNET)
+        with torch.device(device):  # random init on the GPU: seconds, not the CPU's half minute
+            teacher_unet = UNet2DConditionModel(**SD15_UNET)
         latent, text = (4, 64, 64), (77, 768)
     else:
         teacher_unet = tiny_unet(cross_attention_dim=32, sample_size=8)
         latent, text = (4, 8, 8), (77, 32)
+    extra = {} if getattr(args, "trajectory_fraction", None) is None else {"trajectory_fraction": args.trajectory_fraction}
     cfg = MethodConfig(kind=args.method, teacher_steps=args.teacher_steps, student_steps=args.student_steps,
-                       progressive_start_steps=args.teacher_steps)
+                       progressive_start_steps=args.teacher_steps, **extra)
     phase = plan_phases(cfg)[0]
     student = make_student(cfg, teacher_unet, phase).to(device, torch.float32).train().requires_grad_(True)
     teacher_unet = teacher_unet.to(device, args.dtype).eval().requires_grad_(False)

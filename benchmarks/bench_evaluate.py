@@ -1,4 +1,4 @@
-"""Images/s of evaluation-style generation: teacher (CFG, 20 steps) vs student (8 steps, w-conditioned).
+"""Images/s of evaluation-style generation, teacher (CFG) vs student (w-conditioned), and FID feature throughput.
 
 Both run DPM-Solver++ at guidance 7.5 through a stock diffusers StableDiffusionPipeline, text encoding
 and VAE decoding included. The teacher's CFG calls the UNet on the doubled batch (2 evaluations per
@@ -7,6 +7,11 @@ step); the w-conditioned student (``time_cond_proj_dim`` set) takes the guidance
 
     python benchmarks/bench_evaluate.py                  # CPU: tiny pipelines at 32 px (or --teacher/--student refs)
     python benchmarks/bench_evaluate.py --gpu --seconds 120   # SD-1.5-sized random models, 512 px, fp16
+    python benchmarks/bench_evaluate.py --gpu --dtype bf16 --steps 8 16 20   # both models at every step count
+
+Each model runs at each ``--steps`` count (default: teacher 20, student 8). The FID row is the FID InceptionV3
+(random weights: the same compute) on generated-size images, resized to 299 px inside, as the evaluate stage
+extracts features. ``benchmarks/device_gpu_speed.py`` calls these functions for its one-call device run.
 """
 
 from __future__ import annotations
@@ -53,6 +58,28 @@ def sd15_sized_pipeline(device: torch.device, dtype: torch.dtype, time_cond_proj
     return pipe.to(device=device, dtype=dtype)
 
 
+def fid_features_per_second(device: torch.device, batch: int, resolution: int, seconds: float) -> dict:
+    """Images/s of FID feature extraction (``FIDInceptionV3.features`` on [batch, 3, res, res] images in [0, 1]),
+    in fp32 as the evaluate stage runs it (the TF-FID graph it reproduces is fp32)."""
+    import statistics
+
+    from sd_distill.evaluate.metrics.inception import FIDInceptionV3
+
+    model = FIDInceptionV3().eval().to(device)
+    images = torch.rand(batch, 3, resolution, resolution, device=device)
+    times: list[float] = []
+    with torch.inference_mode():
+        model.features(images)  # warm-up
+        start = time.perf_counter()
+        while len(times) < 3 or time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            model.features(images)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return {"images_per_s": batch / statistics.median(times), "batches": len(times)}
+
+
 def tiny_pipelines(folder: str):
     """Tiny teacher (epsilon, CFG) and w-conditioned student folders built with sd_distill.tiny.sd."""
     from sd_distill.tiny.sd import build_tiny_sd_pipeline
@@ -96,9 +123,15 @@ def interleaved_images_per_second(runs: list[tuple], batch: int, resolution: int
             for t, c in zip(times, counters)]
 
 
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gpu", action="store_true", help="SD-1.5-sized random models, 512 px, fp16 on CUDA")
+    ap.add_argument("--gpu", action="store_true", help="SD-1.5-sized random models, 512 px, on CUDA")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="GPU mode: pipeline dtype")
+    ap.add_argument("--steps", type=int, nargs="+", default=None,
+                    help="step counts for both models (default: teacher 20, student 8)")
     ap.add_argument("--seconds", type=float, default=20.0, help="timing budget after warm-up (at least 3 rounds)")
     ap.add_argument("--batch", type=int, default=None, help="images per pipeline call (default 4 GPU, 8 CPU)")
     ap.add_argument("--teacher", default=None, help="CPU mode: teacher pipeline ref (default: a tiny one)")
@@ -111,9 +144,9 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("--gpu needs CUDA")
         device, res, batch = torch.device("cuda"), args.resolution or 512, args.batch or 4
-        teacher = sd15_sized_pipeline(device, torch.float16, None)
-        student = sd15_sized_pipeline(device, torch.float16, 256)
-        label = f"SD-1.5-sized random init, {res} px, fp16, {torch.cuda.get_device_name()}"
+        teacher = sd15_sized_pipeline(device, DTYPES[args.dtype], None)
+        student = sd15_sized_pipeline(device, DTYPES[args.dtype], 256)
+        label = f"SD-1.5-sized random init, {res} px, {args.dtype}, {torch.cuda.get_device_name()}"
     else:
         torch.set_num_threads(min(torch.get_num_threads(), 2))
         device, res, batch = torch.device("cpu"), args.resolution or 32, args.batch or 8
@@ -122,7 +155,8 @@ def main() -> None:
         teacher, student = load_pipeline(t_ref, "cpu"), load_pipeline(s_ref, "cpu")
         label = f"CPU ({torch.get_num_threads()} threads), {res} px, fp32, teacher={t_ref} student={s_ref}"
     print(f"# bench_evaluate: {label}; DPM-Solver++, guidance 7.5, batch {batch}")
-    runs = [("teacher (CFG)", teacher, 20), ("student (w-cond)", student, 8)]
+    runs = ([("teacher (CFG)", teacher, n) for n in args.steps] + [("student (w-cond)", student, n) for n in args.steps]
+            if args.steps else [("teacher (CFG)", teacher, 20), ("student (w-cond)", student, 8)])
     rows = interleaved_images_per_second([(p, n) for _, p, n in runs], batch, res, args.seconds, device)
     for r, (name, pipe, steps) in zip(rows, runs):
         r.update(name=name, steps=steps, params_m=unet_parameters(pipe.unet) / 1e6,
@@ -132,8 +166,11 @@ def main() -> None:
     for r in rows:
         print(f"| {r['name']} | {r['steps']} | {r['unet_evals']:.0f} | {r['params_m']:.1f} | {r['gmacs']:.1f} | "
               f"{r['images_per_s']:.3f} | {r['batches']} |")
-    print(f"speed-up student / teacher: {rows[1]['images_per_s'] / rows[0]['images_per_s']:.2f}x "
-          f"(UNet evaluations {rows[0]['unet_evals']:.0f} -> {rows[1]['unet_evals']:.0f} per image)")
+    fid = fid_features_per_second(device, 64 if args.gpu else 4, res, min(args.seconds, 10.0))
+    print(f"FID InceptionV3 features (fp32, {res} px inputs): {fid['images_per_s']:.1f} images/s")
+    if not args.steps:
+        print(f"speed-up student / teacher: {rows[1]['images_per_s'] / rows[0]['images_per_s']:.2f}x "
+              f"(UNet evaluations {rows[0]['unet_evals']:.0f} -> {rows[1]['unet_evals']:.0f} per image)")
 
 
 if __name__ == "__main__":

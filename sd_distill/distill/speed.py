@@ -20,6 +20,7 @@ import torch
 COMPILE_CHOICES = ("off", "full", "regional")
 # the repeated blocks of diffusers' UNet2DConditionModel (and of its SDXL / block-removed variants)
 REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+REGIONAL_RECOMPILE_LIMIT = 64  # graphs per block class (see compile_unet)
 
 
 def to_channels_last(unet: torch.nn.Module) -> torch.nn.Module:
@@ -50,6 +51,11 @@ def compile_unet(unet: torch.nn.Module, how: str, mode: Optional[str] = None, ba
     if not blocks:
         raise ValueError(f"regional compilation found none of the blocks {list(REGIONAL_BLOCKS)} in "
                          f"{type(unet).__name__}; use trainer.compile_unets 'full'")
+    # one block class serves every resolution level, channel width and batch shape (2B student / CFG teacher rows,
+    # 3B for the shared CFG + conditional teacher forward): more graphs than dynamo's default limit of 8 per
+    # function, past which it would silently run the rest eagerly
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, REGIONAL_RECOMPILE_LIMIT)
     for block in blocks:
         block.compile(**kwargs)
     return len(blocks)

@@ -165,9 +165,9 @@ def test_bad_arguments_fail_early(tiny_clip_dir, scorer, tmp_path):
     assert scorer.score([], []).shape == (0,)
 
 
-# bf16 keeps 8 mantissa bits: cosine similarities of unit vectors move by ~1e-2 at most on the tiny model (HPS
+# bf16 keeps 8 mantissa bits: on the tiny model the scores move by 2.6e-3 at most (measured), under this bound (HPS
 # scores of the released checkpoints are ~0.2-0.3, and the filter thresholds differ by far more than this)
-BF16_ATOL = 2e-2
+BF16_ATOL = 1e-2
 
 
 def test_bf16_weights_and_worker_preprocessing_match_the_fp32_scores(scorer, tiny_clip_dir):
