@@ -69,9 +69,9 @@ def recaption_partition(params, upstream, store_root, suffix):
     return lambda out, inputs, progress: lib.recaption_partition(params, inputs[0], inputs[1], out, progress=progress)
 
 
-@stage_task("curate/shards", key_of=lambda p: {"shard_rows": p.shard_rows}, description="curate: writing shards")
+@stage_task("curate/shards", key_of=lambda p: p.shards_key(), description="curate: writing shards")
 def write_shards(params, upstream, store_root):
-    """Write the curated Parquet shards and one rejects.parquet; accounting must close.
+    """Write the curated Parquet shards (and WebDataset tars when asked) and one rejects.parquet; accounting must close.
 
     upstream: [sources, download(s), filter, caption(s)]; the last ``params.partitions`` are captioned folders.
     """

@@ -148,6 +148,40 @@ def write_hpdv2(folder: Path, n_entries: int, split: str = "train") -> Path:
     return path
 
 
+def img2dataset_json(key: str, url: str, caption: str, size: int = 24, **extra) -> dict:
+    """The ``<key>.json`` img2dataset writes next to each image of a webdataset shard."""
+    return {"url": url, "caption": caption, "key": key, "status": "success", "error_message": None, "width": size,
+            "height": size, "original_width": 2 * size, "original_height": 2 * size, "exif": "{}", "sha256": None, **extra}
+
+
+def write_webdataset_shard(path: Path, samples: list[tuple[str, dict]]) -> Path:
+    """A tar shard in img2dataset's webdataset layout: each sample's members ``<key>.<ext>`` in the given order.
+
+    ``samples``: (key, {ext: bytes | str | dict}); str is written as UTF-8, dict as JSON.
+    """
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, value in members.items():
+                data = json.dumps(value).encode() if isinstance(value, dict) else value.encode() if isinstance(value, str) else value
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def webdataset_sample(i: int, caption: str | None = None, ext: str = "png", size: int = 24) -> tuple[str, dict]:
+    """Sample ``i`` of a shard: a distinct image, its caption and img2dataset's json (url ``http://img.example/<i>.<ext>``)."""
+    key = f"{i:09d}"
+    caption = f"a picture number {i}" if caption is None else caption
+    buf = io.BytesIO()
+    color_image(300 + i, size).save(buf, format={"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[ext])
+    return key, {ext: buf.getvalue(), "txt": caption,
+                 "json": img2dataset_json(key, f"http://img.example/{i}.{ext}", caption, size, similarity=0.3 + i / 100)}
+
+
 # -- step inputs without img2dataset ------------------------------------------------------------
 class BrightnessScorer:
     """A stand-in HPS scorer: score = mean pixel value / 255 + 0.5 if the prompt says "bright".

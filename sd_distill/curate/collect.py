@@ -14,7 +14,9 @@ download starts. Row-level problems do not stop it; they become rejects (stage `
 - ``caption_too_long``: more than ``CurateParams.max_caption_chars`` characters. Rejected, not
   truncated: such captions are keyword spam or pasted prompt lists whose head is no better a caption;
 - ``duplicate_url``: the same URL (or local image) seen earlier, in this source or an earlier one;
-  ``detail`` holds the key of the row that was kept.
+  ``detail`` holds the key of the row that was kept;
+- ``image_missing`` / ``caption_missing`` / ``tar_damaged``: a WebDataset sample without an image member,
+  without a caption, or the one a damaged shard breaks off in (``wds.py``).
 
 Keys are stable: a hash of the source name, the image location and the caption (plus a counter
 for exact repeats), so rerunning on the same files gives the same keys. Local images inside the
@@ -36,6 +38,8 @@ from sd_distill.curate.sources import read_source
 from sd_distill.progress import ProgressFn, report
 
 SAMPLES_FILE = "samples.parquet"
+# local_path forms naming a member of an archive: <prefix><member>::<archive>
+ARCHIVE_PREFIXES = ("zip://", "tar://")
 
 # make_toy_sources' format names -> the adapter that reads each file
 TOY_FORMATS = {
@@ -69,14 +73,14 @@ def toy_source_specs(spec: SourceSpec, out_dir: Path) -> list[SourceSpec]:
 
 
 def relative_local_path(local, root: Path):
-    """``local`` relative to ``root`` when it lies inside it (also behind ``zip://member::``), else unchanged.
+    """``local`` relative to ``root`` when it lies inside it (also behind ``zip://`` / ``tar://member::``), else unchanged.
 
     The toy world writes its local images inside the collect folder, which the stage store renames
     after the step: paths stored relative to it stay valid (the download step resolves them).
     """
     if not isinstance(local, str) or not local:
         return local
-    prefix, _, target = local.rpartition("::") if local.startswith("zip://") else ("", "", local)
+    prefix, _, target = local.rpartition("::") if local.startswith(ARCHIVE_PREFIXES) else ("", "", local)
     if "://" in target:
         return local
     try:
@@ -154,9 +158,10 @@ def collect_sources(params: CurateParams, out_dir: Path, progress: ProgressFn | 
         )
         reason = list(reasons)
         detail: list[str | None] = [None] * len(rows)
-        for j, (loc, url, local, problem) in enumerate(zip(locators, rows["url"], rows["local_path"], df["problem"])):
-            if isinstance(problem, str) and problem:  # the adapter refused the row's file name
-                reason[j], detail[j] = "path_outside_root", problem
+        problems = zip(df["problem"], df["problem_reason"])
+        for j, (loc, url, (problem, problem_reason)) in enumerate(zip(locators, rows["url"], problems)):
+            if isinstance(problem, str) and problem:  # the adapter refused the row (its file name, a broken sample)
+                reason[j], detail[j] = problem_reason or "path_outside_root", problem
                 continue
             if reason[j] is None and len(rows["caption_original"][j]) > params.max_caption_chars:
                 reason[j] = "caption_too_long"

@@ -10,7 +10,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SOURCE_KINDS = ("laion_parquet", "coco_json", "diffusiondb", "hpdv2", "url_list", "toy")
+SOURCE_KINDS = ("laion_parquet", "coco_json", "diffusiondb", "hpdv2", "url_list", "webdataset", "toy")
 URL_LIST_FORMATS = ("csv", "tsv", "parquet", "jsonl")
 
 
@@ -22,8 +22,9 @@ class _Params(BaseModel):
 class SourceSpec(_Params):
     """One input dataset in its published file format."""
 
-    kind: Literal["laion_parquet", "coco_json", "diffusiondb", "hpdv2", "url_list", "toy"]
+    kind: Literal["laion_parquet", "coco_json", "diffusiondb", "hpdv2", "url_list", "webdataset", "toy"]
     # File or folder (local path or fsspec URL); unused for kind="toy", which generates its own files.
+    # webdataset: a folder of tar shards, one shard, or a brace pattern ("shards-{00000..00009}.tar").
     path: str = ""
     # Label written to the `source` column; defaults to `kind` (set it when two sources share a kind).
     name: str = ""
@@ -198,6 +199,12 @@ class CurateParams(_Params):
     caption: CaptionParams = Field(default_factory=CaptionParams)
     # Rows per output Parquet shard; 5000 images of 512 px JPEG are ~250 MB, a comfortable shard.
     shard_rows: int = Field(default=5000, ge=1)
+    # What the curated set is written as: "parquet" (part-NNNNN.parquet, what the distill stage reads, so
+    # always included) and optionally "webdataset" (webdataset/shards-NNNNN.tar: <key>.<ext>, <key>.txt,
+    # <key>.json, what WebDataset loaders and diffusers' training scripts read).
+    output_formats: list[Literal["parquet", "webdataset"]] = Field(default_factory=lambda: ["parquet"])
+    # Samples per WebDataset tar shard; 1000 images of 512 px JPEG are ~50-100 MB, webdataset's usual size.
+    webdataset_shard_size: int = Field(default=1000, ge=1)
     # Captions longer than this many characters are rejected at collection (noise, spam, prompts
     # pasted many times); SD's CLIP tokenizer sees only 77 tokens anyway.
     max_caption_chars: int = Field(default=1000, ge=1)
@@ -221,6 +228,24 @@ class CurateParams(_Params):
         if dupes:
             raise ValueError(f"source names must be unique, repeated: {dupes}; set SourceSpec.name")
         return sources
+
+    @field_validator("output_formats")
+    @classmethod
+    def _formats(cls, formats: list[str]) -> list[str]:
+        if "parquet" not in formats:
+            raise ValueError(f"output_formats must include 'parquet' (the distill stage reads it), got {formats}; "
+                             "valid formats: ['parquet', 'webdataset']")
+        if len(set(formats)) != len(formats):
+            raise ValueError(f"output_formats lists a format twice: {formats}")
+        return formats
+
+    def shards_key(self) -> dict:
+        """What the curate/shards stage is keyed on: the shard layout (WebDataset fields only when written, so a
+        Parquet-only set keeps the key it had before the WebDataset output existed)."""
+        key = {"shard_rows": self.shard_rows}
+        if "webdataset" in self.output_formats:
+            key.update(output_formats=self.output_formats, webdataset_shard_size=self.webdataset_shard_size)
+        return key
 
     @model_validator(mode="after")
     def _check_runner(self) -> "CurateParams":

@@ -2,8 +2,8 @@
 
 img2dataset itself does the fetching, resizing and encoding (``img2dataset.download``, parquet output,
 ``incremental_mode="incremental"`` so an interrupted run resumes at the first unfinished shard). Local
-images take the same path: plain files as ``file://`` URLs, zip members and remote fsspec files
-staged to a local folder first. ``served://<path>`` URLs (the toy world) are served from the collect
+images take the same path: plain files as ``file://`` URLs, zip members, WebDataset tar members (one
+streaming pass per shard) and remote fsspec files staged to a local folder first. ``served://<path>`` URLs (the toy world) are served from the collect
 step's folder by ``sd_distill.toy.server.serve_folder`` on 127.0.0.1 for the duration of the download.
 
 img2dataset spawns worker processes, so it runs in a child interpreter
@@ -41,11 +41,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
 
-from sd_distill.curate.collect import SAMPLES_FILE
+from sd_distill.curate.collect import ARCHIVE_PREFIXES, SAMPLES_FILE
 from sd_distill.curate.config import CurateParams, DownloadParams
 from sd_distill.curate.netguard import Guard, precheck, url_problem
 from sd_distill.curate.partitions import partition_bounds
 from sd_distill.curate.reasons import classify_download_error
+from sd_distill.curate.wds import TAR_PREFIX, extract_members, parse_member_path
 from sd_distill.curate.schema import (
     DOWNLOADED_SCHEMA,
     IMAGE_COLUMNS,
@@ -104,18 +105,42 @@ def guard_of(dl: DownloadParams, served_base: str | None = None) -> Guard:
 # -- inputs ---------------------------------------------------------------------------------------
 def resolve_local_path(path: str, sources_dir: Path) -> str:
     """A collected ``local_path`` as an absolute path / fsspec URL (relative ones are inside ``sources_dir``)."""
-    prefix, _, target = path.rpartition("::") if path.startswith("zip://") else ("", "", path)
+    prefix, _, target = path.rpartition("::") if path.startswith(ARCHIVE_PREFIXES) else ("", "", path)
     if "://" not in target and not Path(target).is_absolute():
         target = str(Path(sources_dir).resolve() / target)
     return f"{prefix}::{target}" if prefix else target
+
+
+def _staged_name(key: str, path: str) -> str:
+    """The staged copy of an archive member or remote file (``<scheme>://<name>[::<archive>]``): key + its extension."""
+    return key + (Path(path.split("::", 1)[0].split("://", 1)[1]).suffix or ".img")
+
+
+def _stage_tar_members(samples: pd.DataFrame, sources_dir: Path, staging: Path) -> dict[str, str]:
+    """Stage every ``tar://`` image into ``staging`` in one streaming pass per shard (an fsspec open per member
+    would re-read the shard's index each time); returns key -> problem for the images that could not be."""
+    wanted: dict[str, dict[str, Path]] = {}
+    owner: dict[tuple[str, str], str] = {}
+    for key, local in zip(samples["key"], samples["local_path"]):
+        if isinstance(local, str) and local.startswith(TAR_PREFIX):
+            path = resolve_local_path(local, sources_dir)
+            member, shard = parse_member_path(path)
+            target = staging / _staged_name(key, path)
+            if not target.exists():
+                wanted.setdefault(shard, {})[member] = target
+                owner[(shard, member)] = key
+    problems = {}
+    for shard, targets in wanted.items():
+        for member, problem in extract_members(shard, targets).items():
+            problems[owner[(shard, member)]] = problem
+    return problems
 
 
 def _stage_local(key: str, path: str, staging: Path) -> str:
     """A ``file://`` URL img2dataset can read for a local path or fsspec URL (zip members are copied out)."""
     if "://" not in path or path.startswith("file://"):
         return "file://" + str(Path(path.removeprefix("file://")).resolve())
-    suffix = Path(path.split("::", 1)[0].split("://", 1)[1]).suffix or ".img"
-    target = staging / f"{key}{suffix}"
+    target = staging / _staged_name(key, path)
     if not target.exists():
         with fsspec.open(path, "rb") as f:
             data = f.read()
@@ -128,8 +153,11 @@ def _fetch_urls(samples: pd.DataFrame, sources_dir: Path, staging: Path, served_
     """(fetch URL, (reason, detail) or None) per sample: served:// rewritten to the loopback server, local
     files staged, remote URLs checked again (http(s) only; IP literals and localhost by the guard)."""
     urls, errors = [], []
+    tar_problems = _stage_tar_members(samples, sources_dir, staging)
     for key, url, local in zip(samples["key"], samples["url"], samples["local_path"]):
         try:
+            if key in tar_problems:
+                raise FileNotFoundError(f"local image unreadable: {tar_problems[key]}")
             if isinstance(local, str) and local:
                 urls.append(_stage_local(key, resolve_local_path(local, sources_dir), staging))
             elif url.startswith(SERVED):

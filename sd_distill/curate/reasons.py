@@ -20,6 +20,9 @@ REASONS: dict[str, str] = {
     "caption_not_utf8": "the caption's bytes are not valid UTF-8",
     "caption_too_long": "more than CurateParams.max_caption_chars characters",
     "duplicate_url": "the same URL or local image as an earlier row (detail: the kept row's key)",
+    "image_missing": "a WebDataset sample with no image member (jpg, jpeg, png, webp)",
+    "caption_missing": "a WebDataset sample with no .txt member and no caption in its .json",
+    "tar_damaged": "the WebDataset sample a truncated or corrupt shard breaks off in (the samples before it are kept)",
     # -- download: the fetch ---------------------------------------------------------------------
     "private_address": "the host is or resolves to a loopback, private, link-local, multicast or reserved address",
     "dns_error": "the host name does not resolve",

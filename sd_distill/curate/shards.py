@@ -2,7 +2,10 @@
 
 ``part-00000.parquet``, ``part-00001.parquet``, ... hold one row per kept sample with exactly
 ``CURATED_COLUMNS`` (+ the extras: ``local_path``, ``caption_reason`` and the JSON ``extra``);
-``rejects.parquet`` holds every input row that was not kept, with its ``stage`` and ``reason``.
+``rejects.parquet`` holds every input row that was not kept, with its ``stage`` and ``reason``. With
+``"webdataset"`` in ``CurateParams.output_formats`` the same rows, in the same order, also go to
+``webdataset/shards-NNNNN.tar`` (``wds.WebDatasetWriter``: ``<key>.<ext>``, ``<key>.txt`` with the training
+caption, ``<key>.json``), ``webdataset_shard_size`` samples each; the counts list every tar with its sha256.
 Accounting closes per source: rows in = kept + rejected; ``write_shards`` checks it key by key
 against the collect step's output and returns the counts for the manifest.
 
@@ -23,6 +26,9 @@ from sd_distill.curate.collect import SAMPLES_FILE
 from sd_distill.curate.config import CurateParams
 from sd_distill.curate.recaption import CAPTIONED_FILE
 from sd_distill.curate.schema import REJECT_COLUMNS, REJECTS_FILE, TableWriter, iter_table, read_rejects, read_table, write_rejects
+from sd_distill.curate.wds import WebDatasetWriter, shard_pattern
+
+WEBDATASET_DIR = "webdataset"
 
 # column -> (pyarrow type check, what it must be); the written schema of every part file
 CURATED_TYPES = {
@@ -109,8 +115,11 @@ def write_shards(
 
     # parts of shard_rows rows, in the captioned files' (deterministic) order, one batch in memory at a time
     n_parts, writer = 0, None
+    tars = WebDatasetWriter(out_dir / WEBDATASET_DIR, params.webdataset_shard_size) if "webdataset" in params.output_formats else None
     batches = (b for d in captioned_dirs for b in iter_table(d, CAPTIONED_FILE, required, params.shard_rows))
     for batch in batches:
+        if tars is not None:
+            tars.write(batch.to_dict("records"))
         while len(batch):
             if writer is None:
                 writer = TableWriter(out_dir / f"part-{n_parts:05d}.parquet", CURATED_SCHEMA)
@@ -127,13 +136,19 @@ def write_shards(
         TableWriter(out_dir / "part-00000.parquet", CURATED_SCHEMA).close()
         n_parts = 1
     write_rejects(rejects, out_dir / REJECTS_FILE)
-    return {
+    counts = {
         "in": int(len(kept) + len(rejects)),
         "kept": int(len(kept)),
         "rejected": int(len(rejects)),
         "shards": n_parts,
         "per_source": per_source,
     }
+    if tars is not None:
+        written = [{**t, "path": f"{WEBDATASET_DIR}/{t['path']}"} for t in tars.close()]
+        pattern = shard_pattern(written)
+        counts["webdataset"] = {"pattern": pattern and f"{WEBDATASET_DIR}/{pattern}", "samples": sum(t["samples"] for t in written),
+                                "shards": written}
+    return counts
 
 
 STAGE_ORDER = ("collect", "download", "filter", "recaption")

@@ -8,7 +8,9 @@ Every adapter returns a DataFrame with exactly ``SOURCE_COLUMNS``:
 - ``caption_raw``: the caption as found (str, bytes or None: validated later by ``collect``);
 - ``extra``: the row's other fields as a JSON object string;
 - ``problem``: why the row names no image it may read, or None: a file name from the source file that is
-  absolute or climbs out of a local ``images_root`` with ``..`` (``collect`` rejects it, ``path_outside_root``).
+  absolute or climbs out of a local ``images_root`` with ``..`` (``collect`` rejects it, ``path_outside_root``);
+- ``problem_reason``: the ``reasons.REASONS`` code ``collect`` rejects a row with a ``problem`` under (None means
+  ``path_outside_root``; the WebDataset reader sets ``image_missing``, ``caption_missing``, ``tar_damaged``).
 
 Formats (field names as the datasets publish them):
 
@@ -20,6 +22,8 @@ Formats (field names as the datasets publish them):
 - HPDv2 (HPSv2 repository README): ``train.json`` [{prompt, file_path: [..], human_preference: [..]}],
   ``test.json`` [{prompt, image_path: [..], rank: [..]}]; images in ``train/`` / ``test/`` beside the JSON.
 - URL list: csv / tsv / parquet / jsonl with configurable url and caption columns (img2dataset's inputs).
+- WebDataset tar shards (img2dataset's ``webdataset`` output): ``<key>.jpg|png|webp`` + ``<key>.txt`` (+ ``<key>.json``),
+  a folder, brace pattern or fsspec URL (``wds.py``); the images are read from the shards, not fetched.
 
 A malformed file raises ``SourceFormatError`` naming the file and the problem; nothing is downloaded
 before every source has parsed.
@@ -38,8 +42,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from sd_distill.curate.config import SourceSpec
+from sd_distill.curate.netguard import url_problem
+from sd_distill.curate.wds import ShardError, read_webdataset_rows
 
-SOURCE_COLUMNS = ["url", "local_path", "caption_raw", "extra", "problem"]
+SOURCE_COLUMNS = ["url", "local_path", "caption_raw", "extra", "problem", "problem_reason"]
 
 
 class SourceFormatError(ValueError):
@@ -133,7 +139,7 @@ def _extras(df: pd.DataFrame, skip: list[str]) -> list[str]:
     return [json.dumps({str(k): _jsonable(v) for k, v in r.items()}, default=str, ensure_ascii=False) for r in records]
 
 
-def _table(url, local_path, caption_raw, extra, problem=None) -> pd.DataFrame:
+def _table(url, local_path, caption_raw, extra, problem=None, problem_reason=None) -> pd.DataFrame:
     n = len(caption_raw)
     return pd.DataFrame(
         {
@@ -142,6 +148,7 @@ def _table(url, local_path, caption_raw, extra, problem=None) -> pd.DataFrame:
             "caption_raw": list(caption_raw),
             "extra": list(extra),
             "problem": list(problem) if problem is not None else [None] * n,
+            "problem_reason": list(problem_reason) if problem_reason is not None else [None] * n,
         },
         columns=SOURCE_COLUMNS,
     )
@@ -357,12 +364,31 @@ def _expand(path: str, ext: str | None) -> list[str]:
     return files
 
 
+def read_webdataset(spec: SourceSpec) -> pd.DataFrame:
+    """WebDataset tar shards: one row per sample, its image a ``tar://<member>::<shard>`` local path (``wds.py``).
+
+    The ``.json``'s ``url`` becomes the row's URL when it is http(s) (provenance, and ``duplicate_url`` across
+    sources); the image is never fetched from it. Other URLs stay in the extras only.
+    """
+    try:
+        rows = read_webdataset_rows(spec.path, spec.max_rows)
+    except ShardError as e:
+        raise SourceFormatError(e.path, e.problem) from None
+    for row in rows:
+        if row["url"] is not None and url_problem(row["url"]):
+            row["url"] = None
+    if not rows:
+        return _table([], [], [], [])
+    return pd.DataFrame(rows, columns=SOURCE_COLUMNS)
+
+
 ADAPTERS: dict[str, Callable[[SourceSpec], pd.DataFrame]] = {
     "laion_parquet": read_laion_parquet,
     "coco_json": read_coco_json,
     "diffusiondb": read_diffusiondb,
     "hpdv2": read_hpdv2,
     "url_list": read_url_list,
+    "webdataset": read_webdataset,
 }
 
 
