@@ -31,11 +31,13 @@ from flows.distill import distill as distill_flow
 from flows.evaluate import evaluate as evaluate_flow
 from sd_distill.curate.config import CurateParams
 from sd_distill.distill.config import DistillParams, check_extra_students
+from sd_distill.distill.hub import HubParams, check_push_ready
 from sd_distill.evaluate.config import TOY_EVAL_PROMPTS, EvaluateParams, ModelSpec, student_model_specs
 from sd_distill.runfile import StageDeployments, load_run_file
 from sd_distill.store import Manifest
 from sd_distill.summary import run_summary
 from tasks._artifacts import publish_markdown
+from tasks.distill import push_student_to_hub
 from tasks.evaluate import toy_world_measures
 from tasks.preflight import preflight
 
@@ -77,13 +79,16 @@ def curate_and_distill(
     store_root: str = "",
     stage_deployments: StageDeployments = StageDeployments(),
     extra_students: dict[str, DistillParams] = {},
+    push_to_hub: HubParams = HubParams(),
 ) -> str:
     """curate -> distill -> evaluate; ``evaluate=None`` evaluates on ``toy_eval_prompts`` held-out toy prompts.
 
     ``extra_students`` (name -> DistillParams, same teacher) distils more students from the same curated set, each
-    its own cached distill stages (the latent cache is shared when the data settings match), all in one report."""
+    its own cached distill stages (the latent cache is shared when the data settings match), all in one report.
+    ``push_to_hub`` (off by default) uploads the student with its completed model card at the end."""
     quiet_library_environment()
     check_extra_students(distill, extra_students)
+    check_push_ready(push_to_hub)  # a missing token fails now, not after the training
     root = resolve_store_root(store_root)
     # every model and file the inline stages need, checked before any of them runs
     preflight(None if stage_deployments.curate else curate, None if stage_deployments.distill else distill,
@@ -102,6 +107,8 @@ def curate_and_distill(
     if evaluate is None and all(src.kind == "toy" for src in curate.sources):
         toy = toy_world_measures(shards, report, root)
     summary = run_summary(shards, student, report, toy=toy)
+    if push_to_hub.enabled:
+        summary += f"\nPushed to the hub: {push_student_to_hub(student, report, push_to_hub)}\n"
     with fsspec.open(f"{root}/latest-summary.md", "w") as f:  # local folder or object store alike
         f.write(summary)
     publish_markdown(summary, "run-summary", "curate-and-distill: counts, scores, the results table, where the files are")

@@ -30,7 +30,7 @@ def distill(params: DistillParams = DistillParams(), curated: str = "latest", st
     for phase in plan_phases(params.method):
         previous = phases[-1:]  # a progressive chain: the previous phase's student teaches this one
         phases.append(t.train_phase(params, [cache, *previous], root, suffix=phase.name))
-    student = t.export_student(params, [cache, *phases], root)
+    student = t.export_student(params, [shards, cache, *phases], root)
     t.publish_student(student)
     return student
 

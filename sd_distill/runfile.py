@@ -2,8 +2,8 @@
 
 Top-level keys (all optional): ``curate`` (CurateParams), ``distill`` (DistillParams), ``evaluate``
 (EvaluateParams; absent = the embedded toy world's held-out prompts), ``toy_eval_prompts`` (int),
-``store_root`` (str), ``stage_deployments`` (StageDeployments) and ``extra_students`` (student name ->
-DistillParams, same teacher). Unknown keys and invalid values fail on load, naming the field.
+``store_root`` (str), ``stage_deployments`` (StageDeployments), ``extra_students`` (student name ->
+DistillParams, same teacher) and ``push_to_hub`` (HubParams, off by default). Unknown keys and invalid values fail on load, naming the field.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from sd_distill.curate.config import CurateParams
 from sd_distill.distill.config import DistillParams, check_extra_students
+from sd_distill.distill.hub import HubParams
 from sd_distill.evaluate.config import EvaluateParams
 
 
@@ -32,7 +33,7 @@ class StageDeployments(BaseModel):
 def load_run_file(path: str | Path) -> dict[str, Any]:
     """A whole run in one YAML / JSON file, validated against the flow's parameter models.
 
-    Keys: curate, distill, evaluate, store_root, stage_deployments, extra_students (all optional). Unknown keys and
+    Keys: curate, distill, evaluate, store_root, stage_deployments, extra_students, push_to_hub (all optional). Unknown keys and
     invalid values fail here, naming the field, before anything runs.
     """
     text = Path(path).read_text()
@@ -41,7 +42,7 @@ def load_run_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: a run file holds a mapping of curate/distill/evaluate/store_root/stage_deployments")
     known = {"curate": CurateParams, "distill": DistillParams, "evaluate": EvaluateParams,
              "stage_deployments": StageDeployments, "store_root": str, "toy_eval_prompts": int,
-             "extra_students": dict}
+             "extra_students": dict, "push_to_hub": HubParams}
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; valid: {sorted(known)}")

@@ -7,8 +7,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from sd_distill.distill import data, export
+from prefect import task
+
+from sd_distill.distill import card, data, export, hub
 from sd_distill.distill.methods import plan_phases
+from sd_distill.evaluate.cards import CARDS_DIR
 from sd_distill.modelref import model_fingerprint
 from tasks._artifacts import publish_image, publish_markdown
 from tasks._stage import stage_task, work_dir
@@ -64,15 +67,27 @@ def train_phase(params, upstream, store_root, suffix):
     return fn
 
 
-@stage_task("distill/student", key_of=lambda p: p, description="distill: exporting the student")
+# code_version 2: the folder holds the model card (README.md)
+@stage_task("distill/student", key_of=lambda p: p, code_version="2", description="distill: exporting the student")
 def export_student(params, upstream, store_root):
-    """The last phase's student as a stock diffusers pipeline folder, with config and loss curve."""
+    """The last phase's student as a stock diffusers pipeline folder, with config, loss curve and model card.
+
+    upstream: [curated shards, latent cache, phases...]."""
+    data_summary = card.training_data(upstream[0])
+
     def fn(out, inputs, progress):
-        summary = export.export_student(params, inputs[1:], out, progress)
+        summary = export.export_student(params, inputs[2:], out, progress, data=data_summary)
         # paths inside the (temporary) stage folder are meaningless once it is renamed into place
         return {k: v for k, v in summary.items() if not (isinstance(v, str) and str(out) in v)}
 
     return fn
+
+
+@task(name="push-student-to-hub", retries=2, retry_delay_seconds=10)
+def push_student_to_hub(student, report, params) -> str:
+    """Upload the student folder with the report's completed model card (its export card when there is none)."""
+    card_file = report.path / CARDS_DIR / "student" / card.CARD_FILE
+    return hub.push_student(student.path, params, card_file if card_file.is_file() else None)
 
 
 def publish_student(manifest) -> None:

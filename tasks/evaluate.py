@@ -56,9 +56,10 @@ def evaluate_model(params, upstream, store_root, suffix):
     return fn
 
 
-@stage_task("evaluate/report", key_of=lambda p: p, description="evaluate: report")
+# code_version 2: the folder holds each student's completed model card (cards/<model>/README.md)
+@stage_task("evaluate/report", key_of=lambda p: p, code_version="2", description="evaluate: report")
 def build_report(params, upstream, store_root):
-    """The results table (md / csv / json), image grids and metric plots over every model stage."""
+    """The results table (md / csv / json), image grids, metric plots and completed model cards over every model stage."""
 
     def fn(out, inputs, progress):
         records = [r for folder in inputs for r in load_model_records(load_manifest(folder).path)]

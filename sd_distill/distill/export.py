@@ -8,7 +8,8 @@
   UNet and a ``DDIMScheduler`` built from the teacher's scheduler config with the timestep spacing the student was
   trained on (any diffusers scheduler, e.g. ``DPMSolverMultistepScheduler``, loads from it with ``from_config``);
 - ``distill_config.json``: parameters, phases, prediction type, guidance convention, how to sample the student;
-- ``loss_curve.csv`` / ``loss_curve.png``: every phase's per-step losses on one global step axis.
+- ``loss_curve.csv`` / ``loss_curve.png``: every phase's per-step losses on one global step axis;
+- ``README.md``: the model card in the hub's format (``card.py``), its evaluation section still open.
 
 Guidance convention (docs/design.md, "Diffusion math and guidance"): ``guidance_scale`` is the diffusers/LCM scale s of
 ``eps_u + s (eps_c - eps_u)`` for teacher and student alike. A w-conditioned student (``time_cond_proj_dim`` set)
@@ -106,8 +107,12 @@ def student_guidance_range(folder: str | Path) -> tuple[float, float] | None:
 
 
 def export_student(params, phase_dirs: Sequence[str | Path], out_dir: str | Path,
-                   progress: Optional[ProgressFn] = None) -> dict:
-    """Write the last phase's student as a stock diffusers pipeline folder (see module docstring)."""
+                   progress: Optional[ProgressFn] = None, data: Optional[dict] = None) -> dict:
+    """Write the last phase's student as a stock diffusers pipeline folder (see module docstring).
+
+    ``data``: the training data's summary for the model card (``card.data_summary`` of the curate manifests)."""
+    from sd_distill.distill.card import write_model_card
+
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     from sd_distill.distill.teacher import check_teacher_folder, is_sdxl_index
@@ -161,6 +166,7 @@ def export_student(params, phase_dirs: Sequence[str | Path], out_dir: str | Path
         w.writeheader()
         w.writerows(rows)
     write_loss_plot(rows, out_dir / "loss_curve.png")
+    write_model_card(out_dir, data)
     report(progress, 3, 3, "exported")
     return {"student": str(out_dir), "phases": len(phases), "student_steps": steps, "w_conditioned": w_conditioned,
             "prediction_type": config["prediction_type"], "total_steps": len(rows),

@@ -4,6 +4,7 @@ Rows are model x sampler x steps; columns FID, IS, CLIP, HPSv2 per version, styl
 latency, UNet evaluations and size. Only the metrics that were computed get a column. Every metric with
 bootstrap replicates has its interval: ``<key>_lo`` / ``<key>_hi`` columns right after it in table.csv,
 ``value [lo, hi]`` in table.md. differences.csv / .md hold each student row minus each teacher row (``compare``).
+``cards/<student>/README.md`` is each exported student's model card with its evaluation filled in (``cards.py``).
 """
 
 from __future__ import annotations
@@ -196,6 +197,9 @@ def build_report(params: EvaluateParams, results: list[dict], out_dir: Path) -> 
     plot = metric_plot(params, results, out_dir / "metrics_vs_steps.png")
     if plot is not None:
         files["plot"] = str(plot)
+    from .cards import write_student_cards  # cards.py renders with this module's table
+
+    files["cards"] = [str(p) for p in write_student_cards(params, results, out_dir)]
     columns = table_columns(params, results)
     diffs = out_dir / "differences.md"
     return {"rows": len(results), "columns": [k for k, _ in columns], "records": results, "files": files,

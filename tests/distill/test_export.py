@@ -58,6 +58,13 @@ def test_exported_student_loads_in_a_stock_pipeline_and_samples(tiny_teacher, ti
     assert (tmp_path / "student" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (tmp_path / "student" / "loss_curve.csv").read_text().splitlines()
     assert rows[0].startswith("phase,phase_name,global_step,step,loss") and len(rows) == 3
+    # the model card, in the hub's format: a local teacher is no base_model, the sampling settings are the config's
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "student" / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image" and card.data.base_model is None
+    assert f"num_inference_steps=2, guidance_scale={cfg['sampling']['guidance_scale_example']}" in card.text
+    assert f'timestep_spacing="{phase_spacing(tmp_path)}"' in card.text and "Not evaluated yet" in card.text
 
 
 def test_trained_guidance_range_comes_from_the_method_config(tmp_path):

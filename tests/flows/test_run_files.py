@@ -24,6 +24,15 @@ def test_shipped_run_files_validate(path):
         assert key not in params or isinstance(params[key], model)
 
 
+def test_the_readme_shows_the_webdataset_run_file_as_shipped():
+    path = CONFIGS[0].parent / "webdataset-in-out.yaml"
+    readme = (CONFIGS[0].parents[1] / "README.md").read_text()
+    assert f"```yaml\n{path.read_text()}```" in readme
+    params = load_run_file(path)
+    assert {s.kind for s in params["curate"].sources} == {"webdataset"}
+    assert params["curate"].output_formats == ["parquet", "webdataset"] and params["push_to_hub"].enabled is False
+
+
 def test_unknown_top_level_key_is_named(tmp_path):
     bad = tmp_path / "run.yaml"
     bad.write_text("curate: {}\ndistil: {}\n")
