@@ -36,7 +36,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sd_distill.toy.world import Sample, caption_for, make_samples, paraphrase_for, render_scene, scene_truth
+from sd_distill.toy.world import (
+    WEB_BAD_FRACTION,
+    WEB_WEAK_FRACTION,
+    Sample,
+    caption_for,
+    make_samples,
+    paraphrase_for,
+    render_scene,
+    scene_truth,
+)
 
 SOURCE_FORMATS: tuple[str, ...] = ("laion", "coco", "diffusiondb", "hpdv2", "urls")
 HPS_STYLES: tuple[str, ...] = ("anime", "concept-art", "paintings", "photo")
@@ -184,10 +193,10 @@ def make_toy_sources(
     out_dir: str | Path,
     n: int = 200,
     seed: int = 0,
-    bad_fraction: float = 0.25,
+    bad_fraction: float = WEB_BAD_FRACTION,
     base_url: str = "served://toy",
     image_size: int = 32,
-    weak_fraction: float = 0.2,
+    weak_fraction: float = WEB_WEAK_FRACTION,
 ) -> dict[str, Path]:
     """Generate ``n`` toy samples and write them as every source format; return the paths by format name.
 

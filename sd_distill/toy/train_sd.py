@@ -1,6 +1,13 @@
 """Train the toy Stable Diffusion teacher (``toy:sd``) and its v-prediction fine-tune (``toy:sd-v``) on CPU.
 
-Three phases, in order, on clean toy scenes (:func:`sd_distill.toy.world.make_samples` with no bad pairs):
+What it learns from: the web-like mix the toy sources publish (:func:`sd_distill.toy.world.make_samples` at
+``WEB_BAD_FRACTION`` bad pairs and ``WEB_WEAK_FRACTION`` weak captions among the good ones), uncurated, as SD 1.5
+learned from LAION: wrong and boilerplate captions, blurred / noise / blank images under true captions, partial,
+unordered and decorated alt-text. Only pairs whose published caption is the true one also get a paraphrase.
+The curated set the DAG builds from the same world drops the bad pairs and recaptions the weak ones, so it holds
+better pairs than the teacher saw (different scenes: training seed ``seed``, sources seeded by the run).
+
+Three phases, in order:
 
 1. VAE (``AutoencoderKL``): reconstruct scenes, loss ``MSE(x, D(z)) + beta * KL(q(z|x) || N(0, I))``
    (Kingma & Welling 2014, eq. 10; ``z`` sampled from the posterior). Afterwards SD's latent scale is set:
@@ -29,12 +36,14 @@ from pydantic import BaseModel
 
 from sd_distill.progress import ProgressFn
 from sd_distill.toy._loop import log_progress, optimizer_step
-from sd_distill.toy.world import WORDS, caption_for, make_samples, paraphrase_for
+from sd_distill.toy.world import WEB_BAD_FRACTION, WEB_WEAK_FRACTION, WORDS, make_samples, paraphrase_for
 
 
 class ToySDConfig(BaseModel):
     image_size: int = 32  # pixels; latents are image_size / 4 (three VAE blocks)
-    n_scenes: int = 3000  # clean training scenes (rendered once, reused every epoch)
+    n_scenes: int = 3000  # training pairs (rendered once, reused every epoch)
+    bad_fraction: float = WEB_BAD_FRACTION  # planted bad pairs among them (the toy sources' published rate)
+    weak_fraction: float = WEB_WEAK_FRACTION  # weak captions among the good pairs (the published rate)
     vae_blocks: tuple[int, ...] = (16, 32, 32)  # AutoencoderKL block widths (3 blocks: /4)
     unet_blocks: tuple[int, ...] = (32, 64, 64)  # UNet block widths at 8x8, 4x4, 2x2 latents
     unet_layers_per_block: int = 1  # resnets per UNet block (SD uses 2; 1 halves the CPU time)
@@ -61,11 +70,15 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def scene_tensors(n: int, seed: int, image_size: int) -> tuple[torch.Tensor, list[tuple[str, str]]]:
-    """``n`` clean scenes as a ``[n, 3, H, W]`` tensor in [-1, 1] and, per scene, (caption, paraphrase)."""
-    samples = make_samples(n, seed=seed, bad_fraction=0.0, image_size=image_size, prefix="train")
+def scene_tensors(n: int, seed: int, image_size: int, bad_fraction: float = WEB_BAD_FRACTION,
+                  weak_fraction: float = WEB_WEAK_FRACTION) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """``n`` web-like pairs as a ``[n, 3, H, W]`` tensor in [-1, 1] and, per pair, two captions to draw from:
+    (published caption, paraphrase) when the published caption is the true one, else the published caption twice."""
+    samples = make_samples(n, seed=seed, bad_fraction=bad_fraction, image_size=image_size, prefix="train",
+                           weak_fraction=weak_fraction)
     arr = np.stack([np.asarray(s.image, dtype=np.float32) for s in samples]) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), [(caption_for(s.truth), paraphrase_for(s.truth)) for s in samples]
+    captions = [(s.caption, paraphrase_for(s.truth) if s.caption_kind == "true" else s.caption) for s in samples]
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), captions
 
 
 def train_vae(vae, images: torch.Tensor, cfg: ToySDConfig, progress: ProgressFn | None = None) -> list[float]:
@@ -172,7 +185,7 @@ def train_toy_sd(out_dir: str | Path, cfg: ToySDConfig | None = None, v_out_dir:
         words=WORDS, image_size=cfg.image_size, vae_blocks=cfg.vae_blocks, unet_blocks=cfg.unet_blocks,
         layers_per_block=cfg.unet_layers_per_block, seed=cfg.seed,
     )
-    images, captions = scene_tensors(cfg.n_scenes, cfg.seed, cfg.image_size)
+    images, captions = scene_tensors(cfg.n_scenes, cfg.seed, cfg.image_size, cfg.bad_fraction, cfg.weak_fraction)
     pipe.to(cfg.device)
     images = images.to(cfg.device)
     timings, summary = {}, {"config": cfg.model_dump()}

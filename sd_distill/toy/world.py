@@ -41,6 +41,10 @@ _DECORATION = ("4k hd wallpaper", "trending on artstation", "high quality stock 
 # every word a toy caption uses (tokenizers get them as single tokens)
 WORDS: tuple[str, ...] = ("a", "an", "and", "of", "on", "background", *SHAPES, *COLORS, *BACKGROUNDS, "above", "below", "left", "right")
 ATTRIBUTES: tuple[str, ...] = ("n_objects", "color1", "shape1", "relation", "color2", "shape2")
+# the web-like mix the toy sources publish and the toy teacher learned from: planted bad pairs, and weak captions
+# among the good ones (the miniature of LAION, which SD learned from, uncurated)
+WEB_BAD_FRACTION = 0.25
+WEB_WEAK_FRACTION = 0.2
 
 _BOILERPLATE = (
     "stock photo image {n}.jpg",
@@ -190,8 +194,8 @@ def weak_caption(truth: Mapping, kind: str, rng: np.random.Generator) -> str:
     raise ValueError(f"unknown weak caption kind {kind!r}; valid: {WEAK_KINDS}")
 
 
-def make_samples(n: int, seed: int = 0, bad_fraction: float = 0.25, image_size: int = 32, prefix: str = "toy",
-                 weak_fraction: float = 0.2) -> list[Sample]:
+def make_samples(n: int, seed: int = 0, bad_fraction: float = WEB_BAD_FRACTION, image_size: int = 32, prefix: str = "toy",
+                 weak_fraction: float = WEB_WEAK_FRACTION) -> list[Sample]:
     """``n`` samples, exactly ``round(n * bad_fraction)`` of them bad, bad kinds in turn over :data:`BAD_KINDS`.
 
     Deterministic in ``seed``. A wrong caption describes another random scene with a different caption.
