@@ -76,10 +76,10 @@ def curate_params(variant: str, toy_n: int) -> CurateParams:
     return CurateParams.model_validate(params)
 
 
-def distill_params(steps: int, data_loss_weight: float) -> DistillParams:
-    """The demo's distill parameters with ``steps`` training steps and the data term's weight."""
-    return DistillParams.model_validate({"method": {"data_loss_weight": data_loss_weight},
-                                         "trainer": {"max_steps": steps}})
+def distill_params(steps: int, data_loss_weight: float, lr: float | None = None) -> DistillParams:
+    """The demo's distill parameters with ``steps`` training steps, the data term's weight and (when given) ``lr``."""
+    trainer = {"max_steps": steps, **({"lr": lr} if lr is not None else {})}
+    return DistillParams.model_validate({"method": {"data_loss_weight": data_loss_weight}, "trainer": trainer})
 
 
 def student_name(variant: str, weight: float) -> str:
@@ -87,18 +87,19 @@ def student_name(variant: str, weight: float) -> str:
 
 
 @flow(name="bench-curation-ablation", log_prints=True)
-def ablation_flow(toy_n: int, steps: int, weights: list[float], prompts: int, store: str) -> dict:
+def ablation_flow(toy_n: int, steps: int, weights: list[float], prompts: int, store: str,
+                  variants: list[str] = list(VARIANTS), lr: float | None = None) -> dict:
     timings: dict[str, float] = {}
     shards = {}
-    for v in VARIANTS:
+    for v in variants:
         start = time.time()
         shards[v] = curate(params=curate_params(v, toy_n), store_root=store)
         timings[f"curate {v}"] = time.time() - start
     students = {}
     for w in weights:
-        for v in VARIANTS:
+        for v in variants:
             start = time.time()
-            students[student_name(v, w)] = distill(params=distill_params(steps, w), curated=shards[v].uri,
+            students[student_name(v, w)] = distill(params=distill_params(steps, w, lr), curated=shards[v].uri,
                                                    store_root=store)
             timings[f"distill {student_name(v, w)}"] = time.time() - start
     models = [ModelSpec(name="teacher", ref="toy:sd", kind="teacher", steps=list(TEACHER_STEPS))]
@@ -150,10 +151,10 @@ def measure(out: dict, store: str, weights: list[float]) -> dict:
 
     diffs = {}
     for w in weights:
-        for hi_v, lo_v in PAIRS:
+        for hi_v, lo_v in (p for p in PAIRS if set(p) <= set(out["shards"])):
             diffs[f"({hi_v})-({lo_v}) w{w:g}"] = difference(student_name(hi_v, w), student_name(lo_v, w))
     for w in weights:  # every student against the teacher it was distilled from
-        for v in VARIANTS:
+        for v in out["shards"]:
             for steps in TEACHER_STEPS:
                 diffs[f"({v}) w{w:g} - teacher@{steps}"] = difference(student_name(v, w), f"teacher@{steps}")
     return {"rows": rows, "curation": curation, "differences": diffs}
@@ -175,7 +176,7 @@ def tables(res: dict, weights: list[float]) -> str:
     lines = ["| model | curated set | kept | bad kept | caption accuracy | "
              + " | ".join(label for _, label, _ in METRICS) + " |",
              "|" + "---|" * (5 + len(METRICS))]
-    names = [f"teacher@{s}" for s in TEACHER_STEPS] + [student_name(v, w) for w in weights for v in VARIANTS]
+    names = [f"teacher@{s}" for s in TEACHER_STEPS] + [student_name(v, w) for w in weights for v in res["curation"]]
     for name in names:
         row = res["rows"][name]
         if name.startswith("teacher@"):
@@ -210,6 +211,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="training steps per student (default 300; the demo: 600)")
     ap.add_argument("--data-loss-weights", default="0.5",
                     help="comma-separated method.data_loss_weight values, one student per variant each (default 0.5)")
+    ap.add_argument("--variants", default="a,b,c", help="comma-separated curated sets to train on (default a,b,c)")
+    ap.add_argument("--lr", type=float, help="the students' learning rate (default: the demo's trainer.lr)")
     ap.add_argument("--toy-n", type=int, default=200, help="generated source pairs (default 200, the demo's)")
     ap.add_argument("--json", help="also write the measured numbers here")
     ap.add_argument("--smoke", action="store_true", help="tiny run (48 pairs, 4 steps, 40 prompts): wiring only")
@@ -217,14 +220,18 @@ def main() -> None:
     if args.smoke:
         args.toy_n, args.steps, args.prompts = 48, 4, 40
     weights = [float(w) for w in args.data_loss_weights.split(",") if w.strip()]
+    variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    if not variants:
+        ap.error(f"--variants {args.variants!r} names none of {list(VARIANTS)}")
     from flows._common import resolve_store_root
 
     store = resolve_store_root(args.store)
     start = time.time()
-    out = ablation_flow(args.toy_n, args.steps, weights, args.prompts, store)
+    out = ablation_flow(args.toy_n, args.steps, weights, args.prompts, store, variants, args.lr)
     res = measure(out, store, weights)
     wall = time.time() - start
     settings = (f"toy world, {args.toy_n} source pairs; student: toy:sd CFG-aware 16 -> 8, {args.steps} steps, "
+                f"lr {args.lr if args.lr is not None else DistillParams().trainer.lr:g}, "
                 f"data_loss_weight {', '.join(f'{w:g}' for w in weights)}; evaluated with DPM-Solver++ 8 steps (teacher "
                 f"{' and '.join(map(str, TEACHER_STEPS))}), "
                 f"guidance 7.5, {args.prompts} held-out prompts ({max(1, args.prompts // 4)} per HPSv2 style); "
