@@ -116,6 +116,14 @@ def test_failed_distill_then_retry_resumes_without_redoing_curate(cluster, tmp_p
     assert [p.name for p in (store / "curate" / "shards").iterdir()] == [shards[0].name]
     summary = (store / "latest-summary.md").read_text()
     assert "| teacher | teacher | 8 |" in summary and "| student | student | 8 |" in summary
+    from huggingface_hub import ModelCard  # the demo's student folder and its report carry a hub model card
+
+    from sd_distill.distill.card import NOT_EVALUATED
+
+    (student_dir,) = [p for p in (store / "distill" / "student").iterdir() if (p / "manifest.json").exists()]
+    assert ModelCard.load(student_dir / "README.md").data.pipeline_tag == "text-to-image"
+    (report_card,) = (store / "evaluate" / "report").glob("*/cards/student/README.md")
+    assert NOT_EVALUATED not in ModelCard.load(report_card).text
     states = _task_states(api_url, run_id)
     assert any(s in ("Cached", "Completed") for s in states.get("curate-shards", [])), states
 
