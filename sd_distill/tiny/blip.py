@@ -23,7 +23,7 @@ DEFAULT_WORDS = (
 
 def write_blip_tokenizer(folder: Path, words: Sequence[str]):
     """A BertTokenizer over ``SPECIAL_TOKENS + words`` (lower-cased, de-duplicated), saved in ``folder``."""
-    from transformers import BertTokenizer
+    from transformers import BertTokenizer  # deferred: heavy (transformers)
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = list(SPECIAL_TOKENS)
@@ -48,8 +48,8 @@ def build_tiny_blip(
     seed: int = 0,
 ) -> Path:
     """Build a random tiny BLIP captioner + processor and ``save_pretrained`` both into ``folder``."""
-    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import (  # deferred: heavy (transformers)
+        BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor)
 
     folder = Path(folder)
     tokenizer = write_blip_tokenizer(folder, words)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import save_file
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -64,7 +65,7 @@ def tiny_open_clip_config(
 
 def register_open_clip_config(name: str, model_cfg: dict, folder: Path) -> Path:
     """Write ``<folder>/<name>.json`` and register it, so ``open_clip.create_model(name)`` builds it."""
-    import open_clip
+    import open_clip  # deferred: heavy (open_clip)
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
@@ -75,8 +76,6 @@ def register_open_clip_config(name: str, model_cfg: dict, folder: Path) -> Path:
 
 def save_open_clip_folder(model: torch.nn.Module, model_cfg: dict, folder: Path, image_size: int) -> Path:
     """Save ``model`` in the hub layout: open_clip_config.json + open_clip_model.safetensors."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     preprocess_cfg = {"size": image_size, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
                       "interpolation": "bicubic", "resize_mode": "shortest"}
@@ -106,7 +105,7 @@ def build_tiny_open_clip(
     unless ``hps_checkpoint`` is None, an HPS-style checkpoint file of the same weights under that file
     name. Returns ``folder``. ``config_overrides`` go to :func:`tiny_open_clip_config`.
     """
-    import open_clip
+    import open_clip  # deferred: heavy (open_clip)
 
     folder = Path(folder)
     model_cfg = tiny_open_clip_config(**config_overrides)

@@ -9,6 +9,7 @@ Tests and the toy world build on them; nothing here is downloaded.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -89,7 +90,7 @@ def tiny_unet(
     seed: int = 0,
 ):
     """A UNet2DConditionModel laid out like SD's (cross-attention down/up blocks, a mid block)."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # deferred: heavy (diffusers)
 
     n = len(block_out_channels)
     torch.manual_seed(seed)
@@ -110,7 +111,7 @@ def tiny_unet(
 
 def tiny_vae(*, block_out_channels: Sequence[int] = (16, 32), latent_channels: int = 4, sample_size: int = 16, seed: int = 0):
     """An AutoencoderKL; each extra block halves the resolution (SD's has four blocks: 8x)."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # deferred: heavy (diffusers)
 
     n = len(block_out_channels)
     torch.manual_seed(seed)
@@ -130,7 +131,7 @@ def tiny_vae(*, block_out_channels: Sequence[int] = (16, 32), latent_channels: i
 def tiny_clip_text_config(vocab_size: int, hidden_size: int = 32, layers: int = 2, projection_dim: int | None = None,
                           max_len: int = 77, **extra):
     """A small ``CLIPTextConfig`` over ``vocab_size`` tokens (BOS/EOS/PAD at the end of the vocabulary)."""
-    from transformers import CLIPTextConfig
+    from transformers import CLIPTextConfig  # deferred: heavy (transformers)
 
     return CLIPTextConfig(
         vocab_size=vocab_size,
@@ -148,7 +149,7 @@ def tiny_clip_text_config(vocab_size: int, hidden_size: int = 32, layers: int = 
 
 
 def tiny_text_encoder(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, max_len: int = 77, seed: int = 0):
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel  # deferred: heavy (transformers)
 
     torch.manual_seed(seed)
     return CLIPTextModel(tiny_clip_text_config(vocab_size, hidden_size, layers, max_len=max_len))
@@ -156,7 +157,7 @@ def tiny_text_encoder(vocab_size: int, *, hidden_size: int = 32, layers: int = 2
 
 def ddim_scheduler(prediction_type: str = "epsilon"):
     """SD's noise schedule (scaled_linear 0.00085 -> 0.012, 1000 steps) in a DDIMScheduler."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler  # deferred: heavy (diffusers)
 
     return DDIMScheduler(
         num_train_timesteps=1000,
@@ -187,10 +188,8 @@ def build_tiny_sd_pipeline(
 
     ``image_size`` is the pixel resolution; the latent is ``image_size / 2**(len(vae_blocks)-1)``.
     """
-    import tempfile
-
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
+    from diffusers import StableDiffusionPipeline  # deferred: heavy (diffusers)
+    from transformers import CLIPTokenizer  # deferred: heavy (transformers)
 
     with tempfile.TemporaryDirectory() as tmp:
         tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp, words))

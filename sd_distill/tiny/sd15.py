@@ -8,10 +8,13 @@ text encoder keeps CLIP's 49,408-token embedding, so parameter counts and memory
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import torch
+
+from sd_distill.tiny.sd import ddim_scheduler, write_clip_tokenizer
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -35,12 +38,8 @@ def build_sd15_pipeline(folder: str | Path | None = None, *, words: Iterable[str
     """A ``StableDiffusionPipeline`` in SD 1.5's configuration with random weights (UNet 860M, VAE 84M, text
     encoder 123M parameters), saved to ``folder`` (safetensors) when given. The sample size is set by the caller
     at sampling time (height / width); the configs keep SD 1.5's 512 px."""
-    import tempfile
-
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from sd_distill.tiny.sd import ddim_scheduler, write_clip_tokenizer
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # deferred: heavy (diffusers)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # deferred: heavy (transformers)
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp, words))

@@ -41,7 +41,7 @@ def tiny_sdxl_unet(
 ):
     """A UNet2DConditionModel laid out like SDXL's: no attention in the outermost stage, deeper transformers inward,
     linear attention projections, and the ``text_time`` added conditioning."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # deferred: heavy (diffusers)
 
     n = len(block_out_channels)
     torch.manual_seed(seed)
@@ -87,8 +87,8 @@ def build_tiny_sdxl_pipeline(
     ``text_layers`` >= 2 because SDXL reads the penultimate hidden state. The VAE gets SDXL's scaling factor and
     ``force_upcast`` as in SDXL base's config.
     """
-    from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import StableDiffusionXLPipeline  # deferred: heavy (diffusers)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # deferred: heavy (transformers)
 
     if text_layers < 2:
         raise ValueError(f"text_layers must be >= 2 (SDXL uses the penultimate hidden state), got {text_layers}")
