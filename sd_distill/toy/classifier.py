@@ -21,8 +21,10 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sd_distill.modelref import resolve_model_ref
 from sd_distill.toy.world import COLORS, SHAPES, canonical, parse_caption
 
 HEADS: dict[str, tuple] = {
@@ -123,8 +125,6 @@ class ToyAttributeClassifier(nn.Module):
         return np.asarray(scores, dtype=np.float64)
 
     def save_pretrained(self, folder: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CONFIG_FILE).write_text(json.dumps(self.config, indent=1))
@@ -133,10 +133,6 @@ class ToyAttributeClassifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "ToyAttributeClassifier":
-        from safetensors.torch import load_file
-
-        from sd_distill.modelref import resolve_model_ref
-
         folder = Path(resolve_model_ref(str(folder)))
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (folder / name).is_file():

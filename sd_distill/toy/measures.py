@@ -18,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from sd_distill.curate.shards import read_curated
 from sd_distill.evaluate import stats
+from sd_distill.evaluate.generate import load_images
 from sd_distill.modelref import resolve_model_ref
+from sd_distill.toy.classifier import ToyAttributeClassifier
 from sd_distill.toy.world import caption_accuracy
 
 _TOY_KEY = re.compile(r"toy\d{6}")
@@ -88,9 +91,6 @@ def generation_measures(records: list[dict], classifier_ref: str = "toy:classifi
     over prompts with its ``level`` bootstrap interval; the per-prompt values are kept under ``per_prompt``
     for ``generation_differences`` (the summary does not print them).
     """
-    from sd_distill.evaluate.generate import load_images  # deferred: heavy
-    from sd_distill.toy.classifier import ToyAttributeClassifier  # deferred: heavy
-
     if prompts is None:
         raise ValueError("generation_measures needs the prompts the images were generated from, in order")
     classifier = ToyAttributeClassifier.from_pretrained(resolve_model_ref(classifier_ref)).eval()
@@ -159,9 +159,7 @@ def paired_rmse(images, reference) -> float:
     return float(image_rmse(images, reference).mean())
 
 
-def _as_tensor(images) -> "torch.Tensor":
+def _as_tensor(images) -> torch.Tensor:
     """[N, 3, H, W] float in [0, 1] from PIL images."""
-    import torch  # deferred: heavy
-
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 255.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2)

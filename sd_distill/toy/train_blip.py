@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel
 
 from sd_distill.progress import ProgressFn
+from sd_distill.tiny.blip import build_tiny_blip
 from sd_distill.toy._loop import log_progress, optimizer_step
 from sd_distill.toy.world import WORDS, canonical, caption_accuracy, caption_for, make_samples
 
@@ -41,9 +42,7 @@ class ToyBlipConfig(BaseModel):
 
 def train_toy_blip(out_dir: str | Path, cfg: ToyBlipConfig | None = None, progress: ProgressFn | None = None) -> dict:
     """Train, save to ``out_dir`` and return ``{val_caption_accuracy, loss, seconds}``."""
-    from transformers import BlipForConditionalGeneration, BlipProcessor
-
-    from sd_distill.tiny.blip import build_tiny_blip
+    from transformers import BlipForConditionalGeneration, BlipProcessor  # deferred: heavy (transformers)
 
     cfg = cfg or ToyBlipConfig()
     torch.set_num_threads(cfg.threads)

@@ -19,6 +19,7 @@ threshold filter needs.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ import torch
 from pydantic import BaseModel
 
 from sd_distill.progress import ProgressFn
+from sd_distill.tiny.clip import (OPENAI_MEAN, OPENAI_STD, register_open_clip_config, save_open_clip_folder,
+                                  tiny_open_clip_config)
 from sd_distill.toy._loop import log_progress, optimizer_step
 from sd_distill.toy.world import boilerplate_caption, degrade_image, make_samples, paraphrase_for
 
@@ -52,8 +55,6 @@ class ToyHPSConfig(BaseModel):
 
 def hps_training_data(cfg: ToyHPSConfig):
     """Normalised clean images, degraded copies, clean captions (caption or paraphrase) and boilerplate texts."""
-    from sd_distill.tiny.clip import OPENAI_MEAN, OPENAI_STD
-
     samples = make_samples(cfg.n_train, seed=cfg.seed + 50, bad_fraction=0.0, image_size=cfg.image_size, prefix="hps")
     rng = np.random.default_rng(cfg.seed + 51)
     clean = np.stack([np.asarray(s.image, dtype=np.float32) / 255.0 for s in samples])
@@ -68,9 +69,7 @@ def hps_training_data(cfg: ToyHPSConfig):
 
 def train_toy_hps(out_dir: str | Path, cfg: ToyHPSConfig | None = None, progress: ProgressFn | None = None) -> dict:
     """Train the scorer, save it to ``out_dir`` (hub layout) and return a summary with the final loss."""
-    import open_clip
-
-    from sd_distill.tiny.clip import register_open_clip_config, save_open_clip_folder, tiny_open_clip_config
+    import open_clip  # deferred: heavy (open_clip)
 
     cfg = cfg or ToyHPSConfig()
     torch.set_num_threads(cfg.threads)
@@ -81,8 +80,6 @@ def train_toy_hps(out_dir: str | Path, cfg: ToyHPSConfig | None = None, progress
         embed_dim=cfg.embed_dim, image_size=cfg.image_size, patch_size=cfg.patch_size, vision_width=cfg.vision_width,
         vision_layers=cfg.vision_layers, text_width=cfg.text_width, text_layers=cfg.text_layers,
     )
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:  # register the architecture without leaving files in out_dir
         register_open_clip_config("toy-hps", model_cfg, Path(tmp))
         torch.manual_seed(cfg.seed)
