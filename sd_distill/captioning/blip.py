@@ -115,7 +115,7 @@ def load_captioner(
     message (chat models); None uses each family's default (unconditional for BLIP / BLIP-2).
     ``dtype``: one of :data:`DTYPES`. Greedy decoding unless ``num_beams`` > 1.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor  # deferred: heavy (transformers)
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")

@@ -17,11 +17,13 @@ A reference is one of
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors.torch import load_file
 
 from sd_distill.modelref import allow_download, hub_kwargs, resolve_model_ref
 
@@ -73,7 +75,7 @@ class OpenClipModel:
 
 def _arch_name(arch: str) -> str:
     """A name open_clip.create_model knows: built-in / registered names pass, JSON paths get registered."""
-    import open_clip
+    import open_clip  # deferred: heavy (open_clip)
 
     path = Path(arch).expanduser()
     if path.suffix == ".json":
@@ -93,8 +95,6 @@ def _arch_name(arch: str) -> str:
 def _state_dict_from_file(path: Path) -> dict:
     """The state dict in an HPS-style ``{"state_dict": ...}`` file or a bare state-dict file."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         checkpoint = load_file(str(path))
     else:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -108,9 +108,7 @@ def _state_dict_from_file(path: Path) -> dict:
 
 
 def _build(name: str, device: str, precision: str, load_weights: bool):
-    import logging
-
-    import open_clip
+    import open_clip  # deferred: heavy (open_clip)
 
     root = logging.getLogger()
     level = root.level
@@ -168,7 +166,7 @@ def _load_folder(folder: Path, arch: str, device: str, precision: str, checkpoin
 
 
 def _load_hub(repo: str, arch: str, device: str, precision: str, checkpoint_names: Sequence[str]):
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # deferred: heavy (huggingface_hub)
 
     patterns = [CONFIG_FILE, "open_clip_model.safetensors", "open_clip_pytorch_model.bin", *checkpoint_names]
     try:
