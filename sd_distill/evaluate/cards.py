@@ -9,6 +9,7 @@ exported by this project) get no card.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from sd_distill.distill.card import CARD_FILE, model_card, with_evaluation
@@ -41,8 +42,6 @@ def evaluation_markdown(params: EvaluateParams, records: list[dict], model: str)
 def student_card(ref: str) -> str | None:
     """The export card of a student reference (regenerated from ``distill_config.json`` when the folder has none);
     None when the reference is not a student this project exported."""
-    import json
-
     try:
         folder = Path(resolve_model_ref(ref))
     except (FileNotFoundError, ValueError):

@@ -60,7 +60,7 @@ def pipeline_class_name(ref: str) -> str:
 def load_pipeline(ref: str, device: Optional[str] = None, dtype: str = "float32", sampler: str = "dpmsolver++"):
     """A StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL folders) from a folder / hub id / toy:<name>
     with the ``sampler``'s scheduler (``sampler_scheduler``)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # deferred: heavy
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # deferred: heavy (diffusers)
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -91,7 +91,7 @@ def sampler_scheduler(scheduler, sampler: str, ref: Optional[str] = None):
     spacing. ``ddim``: DDIM (eta 0, first order) on ``trained_timestep_spacing(ref)`` when the folder records
     one, else the scheduler config's spacing.
     """
-    from diffusers import DDIMScheduler  # deferred: heavy
+    from diffusers import DDIMScheduler  # deferred: heavy (diffusers)
 
     if sampler == "dpmsolver++":
         return dpm_solver_pp_scheduler(scheduler)
@@ -113,7 +113,7 @@ def trained_timestep_spacing(folder: str) -> Optional[str]:
 
 def dpm_solver_pp_scheduler(scheduler):
     """DPM-Solver++ (Lu et al. 2022, multistep, 2nd order) on the model's own noise schedule and prediction type."""
-    from diffusers import DPMSolverMultistepScheduler  # deferred: heavy
+    from diffusers import DPMSolverMultistepScheduler  # deferred: heavy (diffusers)
 
     return DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++")
 

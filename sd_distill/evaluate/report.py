@@ -143,10 +143,10 @@ def image_grid(params: EvaluateParams, records: list[dict], set_name: str, out_p
 def metric_plot(params: EvaluateParams, records: list[dict], out_path: Path) -> Path | None:
     """A PNG with one panel per metric (FID, IS, CLIP, HPSv2 means, latency) against steps, one line per model and
     sampler, with the intervals as error bars."""
-    import matplotlib  # deferred: heavy
+    import matplotlib  # deferred: heavy (matplotlib)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # deferred: heavy
+    import matplotlib.pyplot as plt  # deferred: heavy (matplotlib)
 
     keys = [k for k in PLOTTED[:3] + [hps_key(v, "mean") for v in params.hps_versions] + PLOTTED[3:]
             if any(r.get(k) is not None for r in records)]
@@ -197,7 +197,7 @@ def build_report(params: EvaluateParams, results: list[dict], out_dir: Path) -> 
     plot = metric_plot(params, results, out_dir / "metrics_vs_steps.png")
     if plot is not None:
         files["plot"] = str(plot)
-    from .cards import write_student_cards  # cards.py renders with this module's table
+    from .cards import write_student_cards  # deferred: cycle (report <-> cards: cards renders this module's table)
 
     files["cards"] = [str(p) for p in write_student_cards(params, results, out_dir)]
     columns = table_columns(params, results)

@@ -16,6 +16,7 @@ import numpy as np
 from accelerate import PartialState
 
 from sd_distill.progress import ProgressFn, report
+from sd_distill.scoring.clip_score import clip_cosines
 
 from .config import EvaluateParams, ModelSpec
 from .generate import LazyImages, generate_images, generation_summary, load_images, load_pipeline
@@ -107,8 +108,6 @@ def compute_metrics(params: EvaluateParams, images_dir: Path, prompt_set: Prompt
                     raw = stats.replicates(lambda row: inception_score(logits[row], splits=splits)[0], indices)
                     reps["is"] = stats.bias_corrected(out["is"], raw)
         if "clip" in params.metrics:
-            from sd_distill.scoring.clip_score import clip_cosines
-
             values = 100.0 * clip_cosines(models.clip(), images, prompt_set.prompts).astype(np.float64)
             out["clip"] = float(max(values.mean(), 0.0))  # clip_score's set value: max(mean(100 cos), 0)
             per_prompt["clip"] = values

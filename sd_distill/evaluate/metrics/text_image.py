@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from sd_distill.scoring.hps import load_hps_scorer
 from sd_distill.scoring.openclip import load_open_clip
 
 from .features import load_feature_extractor
@@ -47,7 +48,5 @@ class MetricModels:
         return self._get("clip", lambda: load_open_clip(self.params.clip_model, device=str(self.device)))
 
     def hps(self, version: str):
-        from sd_distill.scoring.hps import load_hps_scorer  # deferred: heavy
-
         return self._get(("hps", version),
                          lambda: load_hps_scorer(self.params.hps_scorer, version=version, device=str(self.device)))
