@@ -26,12 +26,18 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sd_distill.distill.teacher import encode_negative, encode_prompts, load_teacher, native_resolution
+from sd_distill.curate.shards import iter_curated
+from sd_distill.distill.methods.students import check_student_arch
+from sd_distill.distill.teacher import (check_teacher_folder, encode_negative, encode_prompts, is_sdxl_index, load_teacher,
+                                        native_resolution)
+from sd_distill.modelref import resolve_model_ref
 from sd_distill.progress import ProgressFn, report
 
 CACHE_FORMAT = "sd_distill.latent_cache/1"
@@ -59,8 +65,6 @@ def iter_curated_rows(
     Reads through the curate stage's checked reader (``sd_distill.curate.shards.iter_curated``): a shard missing
     a column, or with a mistyped one, fails naming the file and the column.
     """
-    from sd_distill.curate.shards import iter_curated
-
     curated_shard_files(curated_dir)  # "empty dataset" before anything else
     for frame in iter_curated(Path(curated_dir), columns=["key", "image", caption_column], batch_rows=batch_rows):
         yield from zip(frame["key"].astype(str), frame["image"], frame[caption_column])
@@ -68,8 +72,7 @@ def iter_curated_rows(
 
 def image_tensor(data: bytes, resolution: int) -> torch.Tensor:
     """Encoded image -> uint8 [3, R, R]: shorter side resized to R (bicubic, antialiased), center crop."""
-    from PIL import Image
-    from torchvision.transforms import functional as TF
+    from torchvision.transforms import functional as TF  # deferred: heavy (torchvision)
 
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("RGB")
@@ -196,8 +199,6 @@ def build_latent_cache(
     else:
         tensors = {"negative_embeds": negative}
     save_file({k: v.to(store).contiguous() for k, v in tensors.items()}, str(out_dir / "negative.safetensors"))
-    import pandas as pd
-
     pd.DataFrame(rows).to_parquet(out_dir / "samples.parquet", index=False)
     scale, shift = latent_scaling(teacher.vae)
     index = {
@@ -313,10 +314,6 @@ def cache_latents(params, curated_dir: str | Path, out_dir: str | Path, progress
 
     Refuses up front what a later phase would refuse for an SDXL teacher (block-removed students).
     """
-    from sd_distill.distill.methods.students import check_student_arch
-    from sd_distill.distill.teacher import check_teacher_folder, is_sdxl_index
-    from sd_distill.modelref import resolve_model_ref
-
     check_student_arch(params.method.student_arch, is_sdxl_index(check_teacher_folder(resolve_model_ref(params.teacher))))
     d = params.data
     return build_latent_cache(
