@@ -18,6 +18,7 @@ Side concerns are hooks in ``hooks/`` (ema, nan_guard, checkpoint, progress).
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import json
 import math
@@ -28,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from sd_distill.distill import methods  # methods.build_method is looked up per phase, so a fault can be injected into it
 from sd_distill.distill.config import DistillParams, TrainerConfig
 from sd_distill.distill.data import LatentDataset, encode_pixels, micro_batch_indices
 from sd_distill.distill.hooks.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -35,6 +37,7 @@ from sd_distill.distill.hooks.ema import EMA
 from sd_distill.distill.hooks.nan_guard import DeviceNanGuard, NanGuard, skip_update
 from sd_distill.distill.hooks.progress import ProgressHook
 from sd_distill.distill.speed import compile_unet, make_adamw, skip_step_on_device, to_channels_last
+from sd_distill.distill.teacher import load_teacher
 from sd_distill.progress import ProgressFn
 
 AUTOCAST_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -54,7 +57,7 @@ def lr_multiplier(step: int, cfg: TrainerConfig) -> float:
 
 def load_unet(ref: str | Path, device="cpu", dtype=torch.float32):
     """A UNet2DConditionModel from a phase folder / pipeline folder (``unet/`` inside) or a UNet folder."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # deferred: heavy (diffusers)
 
     folder = Path(ref)
     if (folder / "unet" / "config.json").exists():
@@ -66,14 +69,14 @@ def load_unet(ref: str | Path, device="cpu", dtype=torch.float32):
 
 def use_sdpa(unet) -> None:
     """PyTorch scaled-dot-product attention in every attention layer (diffusers' AttnProcessor2_0)."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor2_0  # deferred: heavy (diffusers)
 
     if hasattr(unet, "set_attn_processor"):
         unet.set_attn_processor(AttnProcessor2_0())
 
 
 def make_accelerator(cfg: TrainerConfig):
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # deferred: heavy (accelerate)
 
     cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     if cfg.mixed_precision == "fp16" and cpu:
@@ -97,10 +100,7 @@ def train_phase(
     the original teacher's UNet and ``make_student(...)`` from it. ``resume``: continue from the newest
     complete checkpoint in ``out_dir/checkpoints`` when there is one.
     """
-    from accelerate.utils import set_seed
-
-    from sd_distill.distill.methods import build_method, make_student
-    from sd_distill.distill.teacher import load_teacher
+    from accelerate.utils import set_seed  # deferred: heavy (accelerate)
 
     tc = params.trainer
     out_dir = Path(out_dir)
@@ -125,7 +125,7 @@ def train_phase(
     if student_init_ref:
         student = load_unet(student_init_ref)
     else:
-        student = make_student(params.method, teacher_unet, phase)
+        student = methods.make_student(params.method, teacher_unet, phase)
     student = student.to(device, torch.float32).train()
     student.requires_grad_(True)
     teacher_unet.requires_grad_(False).eval().to(device, frozen_dtype)  # the original UNet stays on the CPU if unused
@@ -139,7 +139,7 @@ def train_phase(
         compile_unet(unet, tc.compile_unets, tc.compile_mode, tc.compile_backend)
     if not dataset.cache_latents:
         teacher.vae.requires_grad_(False).eval().to(device, frozen_dtype)
-    method = build_method(params.method, phase, teacher, teacher_unet, student)
+    method = methods.build_method(params.method, phase, teacher, teacher_unet, student)
 
     # 2. optimizer and learning-rate schedule ---------------------------------------------------------
     trainable = [p for p in student.parameters() if p.requires_grad]
@@ -276,8 +276,6 @@ def train_phase(
     if accelerator.is_main_process:
         export_unet = raw_student
         if ema is not None:
-            import copy
-
             export_unet = copy.deepcopy(raw_student)
             ema.copy_to(export_unet)
         if tc.gradient_checkpointing and hasattr(export_unet, "disable_gradient_checkpointing"):
