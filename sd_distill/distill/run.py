@@ -19,6 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from sd_distill.distill.data import cache_index, cache_latents
+from sd_distill.distill.export import export_student
+from sd_distill.distill.methods import plan_phases
+from sd_distill.distill.trainer import train_phase
 from sd_distill.progress import ProgressFn
 
 
@@ -29,11 +33,6 @@ def phase_folder_name(phase) -> str:
 def distill(params, curated_dir: str | Path, out_dir: str | Path, progress: Optional[ProgressFn] = None,
             resume: bool = True) -> dict:
     """Run cache, all phases of ``params.method`` and the export into ``out_dir``; returns their summaries."""
-    from sd_distill.distill.data import cache_latents, cache_index
-    from sd_distill.distill.export import export_student
-    from sd_distill.distill.methods import plan_phases
-    from sd_distill.distill.trainer import train_phase
-
     out_dir = Path(out_dir)
     cache_dir = out_dir / "cache"
     try:

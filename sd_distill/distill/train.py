@@ -17,6 +17,11 @@ import os
 import sys
 from pathlib import Path
 
+from sd_distill.distill.config import DistillParams
+from sd_distill.distill.hooks.nan_guard import TrainingDivergedError
+from sd_distill.distill.methods import plan_phases
+from sd_distill.distill.trainer import train_phase
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sd_distill.distill.train", description=__doc__.splitlines()[0])
@@ -32,11 +37,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from sd_distill.distill.config import DistillParams
-    from sd_distill.distill.hooks.nan_guard import TrainingDivergedError
-    from sd_distill.distill.methods import plan_phases
-    from sd_distill.distill.trainer import train_phase
-
     args = parse_args(argv)
 
     def emit(event: dict) -> None:
