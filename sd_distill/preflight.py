@@ -49,7 +49,7 @@ def _hub_ok(ref: str) -> bool:
 
 def check_pipeline(ref: str) -> None:
     """A diffusers Stable Diffusion (XL) pipeline: components present, UNet and scheduler configs readable."""
-    from diffusers import UNet2DConditionModel  # deferred: diffusers is heavy to import
+    from diffusers import UNet2DConditionModel  # deferred: heavy (diffusers)
 
     if _hub_ok(ref):
         return
@@ -87,7 +87,7 @@ def check_open_clip(ref: str, checkpoint_names: Sequence[str] = ()) -> None:
 
 def check_transformers(ref: str) -> None:
     """A transformers model (BLIP-family captioner): its config reads."""
-    from transformers import AutoConfig  # deferred: transformers is heavy to import
+    from transformers import AutoConfig  # deferred: heavy (transformers)
 
     if _hub_ok(ref):
         return

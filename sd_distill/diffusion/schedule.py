@@ -26,7 +26,7 @@ LATENT_DDIM_OVERRIDES = {"clip_sample": False, "thresholding": False}
 def latent_ddim_scheduler(config: dict, **overrides):
     """A diffusers ``DDIMScheduler`` from any scheduler's config (PNDM, Euler, DPM-Solver, LMS, DDIM, ...) with
     ``LATENT_DDIM_OVERRIDES`` and then ``overrides`` applied."""
-    from diffusers import DDIMScheduler  # deferred: diffusers is heavy to import
+    from diffusers import DDIMScheduler  # deferred: heavy (diffusers)
 
     return DDIMScheduler.from_config(dict(config), **{**LATENT_DDIM_OVERRIDES, **overrides})
 

@@ -24,6 +24,9 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from sd_distill.modelref import resolve_model_ref
+from sd_distill.store import StageStore
+
 CARD_FILE = "README.md"
 EVAL_START = "<!-- evaluation:start -->"
 EVAL_END = "<!-- evaluation:end -->"
@@ -38,8 +41,6 @@ METHOD_TAGS = {"cfg_aware": "cfg-aware-step-distillation", "w_conditioned": "gui
 def teacher_license(teacher_ref: str) -> Optional[str]:
     """The ``license`` of the teacher's own model card, when it is at hand (a local folder's README.md, or a hub
     id's README.md in the local hub cache); None when unknown. Never downloads."""
-    from sd_distill.modelref import resolve_model_ref
-
     try:
         folder = Path(resolve_model_ref(teacher_ref))
     except (FileNotFoundError, ValueError):
@@ -47,7 +48,7 @@ def teacher_license(teacher_ref: str) -> Optional[str]:
     readme = folder / CARD_FILE if folder.is_dir() else None
     if readme is None and _HUB_ID.match(teacher_ref):
         try:
-            from huggingface_hub import hf_hub_download
+            from huggingface_hub import hf_hub_download  # deferred: heavy (huggingface_hub)
 
             readme = Path(hf_hub_download(teacher_ref, CARD_FILE, local_files_only=True))
         except Exception:  # not in the cache (or no card): unknown
@@ -95,8 +96,6 @@ def data_summary(manifests: Mapping[str, Mapping[str, Any]]) -> dict:
 def curate_manifests(shards) -> dict:
     """The curated set's manifest (a ``store.Manifest``) and those of the curate stages behind it, found in the
     curated set's own store: ``{stage: manifest as a dict}``."""
-    from sd_distill.store import StageStore
-
     found = {shards.stage: shards.to_dict()}
     suffix = f"/{shards.stage}/{shards.key}"
     if not shards.uri.endswith(suffix):

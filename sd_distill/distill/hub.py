@@ -68,7 +68,7 @@ def upload_plan(folder: str | Path, card: str | Path | None = None) -> list[tupl
 def push_student(folder: str | Path, params: HubParams, card: str | Path | None = None) -> str:
     """Upload the student folder (with ``card`` as its README.md) to ``params.repo_id`` in one commit; returns the
     commit URL."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi  # deferred: heavy (huggingface_hub)
 
     check_push_ready(params)
     if not params.enabled:

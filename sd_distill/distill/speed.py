@@ -36,7 +36,7 @@ def compile_unet(unet: torch.nn.Module, how: str, mode: Optional[str] = None, ba
         raise ValueError(f"trainer.compile_unets {how!r} is not one of {list(COMPILE_CHOICES)}")
     if how == "off":
         return 0
-    import torch._dynamo
+    import torch._dynamo  # deferred: heavy (torch._dynamo)
 
     backends = torch._dynamo.list_backends(exclude_tags=())
     if backend not in backends:

@@ -77,7 +77,7 @@ def read_model_index(ref: str) -> dict | None:
         index = path / "model_index.json"
         return json.loads(index.read_text()) if index.exists() else None
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # deferred: heavy (huggingface_hub)
 
         return json.loads(Path(hf_hub_download(ref, "model_index.json", **hub_kwargs())).read_text())
     except Exception:
@@ -121,7 +121,7 @@ def _scheduler_config(ref: str) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # deferred: heavy (huggingface_hub)
 
         return json.loads(Path(hf_hub_download(ref, "scheduler/scheduler_config.json", **hub_kwargs())).read_text())
     except Exception:
@@ -131,8 +131,8 @@ def _scheduler_config(ref: str) -> dict:
 def load_teacher(ref: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Teacher:
     """Load a Stable Diffusion (1.x / 2.x / XL) teacher from a pipeline folder, hub id or ``toy:<name>``; all parts
     frozen. A VAE with ``force_upcast`` (SDXL's, which overflows in fp16) stays in fp32 when ``dtype`` is fp16."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # deferred: heavy (diffusers)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # deferred: heavy (transformers)
 
     resolved = resolve_model_ref(ref)
     index = check_teacher_folder(resolved)

@@ -84,7 +84,7 @@ def block_removed_unet(teacher_unet, arch: str):
     Parameters without a same-shaped teacher counterpart keep their fresh init; their names are in
     ``student.bk_uncopied`` (empty for SD-layout UNets).
     """
-    from diffusers import UNet2DConditionModel  # deferred: heavy
+    from diffusers import UNet2DConditionModel  # deferred: heavy (diffusers)
 
     student = UNet2DConditionModel.from_config(block_removed_config(teacher_unet.config, arch))
     teacher_state = teacher_unet.state_dict()

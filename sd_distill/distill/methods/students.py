@@ -17,7 +17,7 @@ def with_w_conditioning(unet, embed_dim: int):
     The new projection ``time_embedding.cond_proj`` (no bias) is zero-initialised, so the student's output equals
     the original's for every w until training moves it (Meng et al. 2023, stage 1 initialisation).
     """
-    from diffusers import UNet2DConditionModel  # deferred: heavy
+    from diffusers import UNet2DConditionModel  # deferred: heavy (diffusers)
 
     if unet.config.time_cond_proj_dim is not None:
         return copy.deepcopy(unet)
