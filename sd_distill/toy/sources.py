@@ -29,6 +29,7 @@ URLs are ``{base_url}/images/<key>.png``; each sample appears in exactly one sou
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -109,8 +110,6 @@ def _write_coco(samples: list[Sample], folder: Path, base_url: str, start_id: in
 
 
 def _png_bytes(img) -> bytes:
-    import io
-
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()

@@ -27,14 +27,17 @@ Everything is deterministic on CPU for a given seed (``torch.use_deterministic_a
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
 
 from sd_distill.progress import ProgressFn
+from sd_distill.tiny.sd import build_tiny_sd_pipeline, ddim_scheduler
 from sd_distill.toy._loop import log_progress, optimizer_step
 from sd_distill.toy.world import WEB_BAD_FRACTION, WEB_WEAK_FRACTION, WORDS, make_samples, paraphrase_for
 
@@ -154,8 +157,6 @@ def train_unet(pipe, mean, std, captions, cfg: ToySDConfig, prediction_type: str
 
 def halve_safetensors(folder: str | Path) -> int:
     """Rewrite every float32 ``*.safetensors`` under ``folder`` as float16; returns the number of files."""
-    from safetensors.torch import load_file, save_file
-
     files = sorted(Path(folder).rglob("*.safetensors"))
     for f in files:
         state = load_file(str(f))
@@ -169,13 +170,9 @@ def train_toy_sd(out_dir: str | Path, cfg: ToySDConfig | None = None, v_out_dir:
 
     Returns a summary: final losses, the latent scaling factor, seconds per phase.
     """
-    from sd_distill.tiny.sd import build_tiny_sd_pipeline, ddim_scheduler
-
     cfg = cfg or ToySDConfig()
     torch.set_num_threads(cfg.threads)
     if cfg.device.startswith("cuda"):  # cuBLAS needs a fixed workspace; some CUDA backward kernels only warn
-        import os
-
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     else:
