@@ -33,6 +33,7 @@ from sd_distill.curate.collect import collect_sources
 from sd_distill.curate.config import CaptionParams, CurateParams, DaskParams, DownloadParams, FilterParams, SourceSpec
 from sd_distill.curate.download import download_images
 from sd_distill.curate.filter import filter_scored, score, score_and_filter
+from sd_distill.curate.models import hps_scorer
 from sd_distill.curate.partitions import partition_bounds, partition_labels
 from sd_distill.curate.reasons import REASONS
 from sd_distill.curate.recaption import recaption, recaption_partition
@@ -67,8 +68,6 @@ def run_curate(
     report(progress, 0, len(STEPS), "collect")
     counts["collect"] = collect_sources(params, d["collect"])
     if scorer is None:
-        from sd_distill.curate.models import hps_scorer
-
         scorer = hps_scorer(params)
     if params.partitions == 1:
         report(progress, 1, len(STEPS), "download")

@@ -43,6 +43,7 @@ from PIL import Image
 
 from sd_distill.curate.config import CurateParams, FilterParams
 from sd_distill.curate.download import DOWNLOADED_FILE
+from sd_distill.curate.models import hps_scorer
 from sd_distill.curate.schema import (
     DECISIONS_SCHEMA,
     IMAGE_COLUMNS,
@@ -113,8 +114,6 @@ def score(params: CurateParams, downloaded_dir: Path, out_dir: Path, progress: P
     out_dir.mkdir(parents=True, exist_ok=True)
     required = SAMPLE_COLUMNS + IMAGE_COLUMNS
     if scorer is None:
-        from sd_distill.curate.models import hps_scorer
-
         scorer = hps_scorer(params)
     version = str(getattr(scorer, "version", f.hps_version))
     meta = read_table(downloaded_dir, DOWNLOADED_FILE, required, columns=["key", "source", "url", "caption_original", "sha256"])

@@ -17,7 +17,7 @@ _LOAD_LOCK = threading.Lock()
 
 def hps_scorer(params: CurateParams):
     """``load_hps_scorer`` for ``params.filter`` (the scorer of filtering and of the caption choice)."""
-    from sd_distill.scoring.hps import load_hps_scorer
+    from sd_distill.scoring.hps import load_hps_scorer  # deferred: heavy (torch, torchvision: scoring.hps)
 
     f = params.filter
     with _LOAD_LOCK:
@@ -26,7 +26,7 @@ def hps_scorer(params: CurateParams):
 
 def captioner(params: CurateParams):
     """``load_captioner`` for ``params.caption``."""
-    from sd_distill.captioning.blip import load_captioner
+    from sd_distill.captioning.blip import load_captioner  # deferred: heavy (torch: captioning.blip)
 
     c = params.caption
     with _LOAD_LOCK:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sd_distill.captioning.clean import choose_caption, clean_caption
+from sd_distill.curate import models
 from sd_distill.curate.config import CurateParams
 from sd_distill.curate.filter import SCORED_FILE, decode_images, kept_rows
 from sd_distill.curate.schema import (
@@ -73,8 +75,6 @@ def recaption(
     prompts, batch_size)``) may be injected; by default they are loaded from ``params.caption.captioner``
     and ``params.filter.hps_model``.
     """
-    from sd_distill.captioning.clean import choose_caption, clean_caption
-
     c = params.caption
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,8 +89,6 @@ def recaption(
     sim_o = np.full(n, np.nan, dtype=np.float32)
     sim_g = np.full(n, np.nan, dtype=np.float32)
     if c.enabled and n:
-        from sd_distill.curate import models
-
         if captioner is None:
             captioner = models.captioner(params)
         if c.choose_by_similarity and scorer is None:
