@@ -36,6 +36,7 @@ from sd_distill.curate.schema import REJECTS_FILE, SAMPLE_COLUMNS, rejects_frame
 from sd_distill.curate.netguard import url_problem
 from sd_distill.curate.sources import read_source
 from sd_distill.progress import ProgressFn, report
+from sd_distill.toy.sources import make_toy_sources
 
 SAMPLES_FILE = "samples.parquet"
 # local_path forms naming a member of an archive: <prefix><member>::<archive>
@@ -54,8 +55,6 @@ TOY_FORMATS = {
 
 def toy_source_specs(spec: SourceSpec, out_dir: Path) -> list[SourceSpec]:
     """Generate the toy world into ``out_dir/toy`` and describe each file it wrote as a real source."""
-    from sd_distill.toy.sources import make_toy_sources
-
     root = Path(out_dir) / "toy"
     paths = make_toy_sources(
         root, n=spec.toy_n, seed=spec.toy_seed, bad_fraction=spec.toy_bad_fraction, base_url="served://toy"

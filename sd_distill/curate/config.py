@@ -6,6 +6,7 @@ why it is what it is. Invalid values fail at construction with the field name an
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -106,8 +107,6 @@ class DownloadParams(_Params):
     @field_validator("allowed_networks")
     @classmethod
     def _networks(cls, nets: list[str]) -> list[str]:
-        import ipaddress
-
         for n in nets:
             try:
                 ipaddress.ip_network(n, strict=False)

@@ -58,6 +58,7 @@ from sd_distill.curate.schema import (
     write_rejects,
 )
 from sd_distill.progress import ProgressFn, report
+from sd_distill.toy.server import serve_folder
 
 DOWNLOADED_FILE = "downloaded.parquet"
 SERVED = "served://"
@@ -246,8 +247,6 @@ def download_images(
 
     Returns counts ``{"in", "downloaded", "rejected", "reasons", "per_source": {name: {in, downloaded, rejected}}}``.
     """
-    from sd_distill.toy.server import serve_folder
-
     dl = params.download
     sources_dir, out_dir = Path(sources_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

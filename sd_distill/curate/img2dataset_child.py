@@ -11,6 +11,7 @@ the worker before its first shard.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -36,8 +37,6 @@ class GuardedDownloader(Downloader):
 
 def main(args_file: str) -> None:
     global _GUARD
-    import importlib
-
     # the module, not the `main` function that img2dataset/__init__.py binds to the same name
     i2d_main = importlib.import_module("img2dataset.main")
 

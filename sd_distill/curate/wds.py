@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterable
 
 import fsspec
+from braceexpand import braceexpand
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample holds several
 SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
@@ -78,8 +79,6 @@ def shard_urls(path: str) -> list[str]:
     fs, p = fsspec.core.url_to_fs(path)
     proto = path.split("://", 1)[0] + "://" if "://" in path else ""
     if "{" in path:
-        from braceexpand import braceexpand
-
         urls = list(braceexpand(path))
         missing = [u for u in urls if not fsspec.core.url_to_fs(u)[0].exists(fsspec.core.url_to_fs(u)[1])]
         if missing:
