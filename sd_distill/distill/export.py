@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from sd_distill.diffusion.schedule import latent_ddim_scheduler
+from sd_distill.distill.card import write_model_card
+from sd_distill.distill.teacher import check_teacher_folder, is_sdxl_index
+from sd_distill.modelref import hub_kwargs, resolve_model_ref
 from sd_distill.progress import ProgressFn, report
 
 STUDENT_FORMAT = "sd_distill.student/1"
@@ -59,10 +62,10 @@ def merged_loss_curve(phase_dirs: Sequence[str | Path]) -> list[dict]:
 
 def write_loss_plot(rows: list[dict], path: Path) -> Path:
     """loss vs global step, one colour per phase, log scale when every loss is positive."""
-    import matplotlib
+    import matplotlib  # deferred: heavy (matplotlib)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: heavy (matplotlib)
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     names = list(dict.fromkeys(r["phase_name"] for r in rows))
@@ -111,12 +114,8 @@ def export_student(params, phase_dirs: Sequence[str | Path], out_dir: str | Path
     """Write the last phase's student as a stock diffusers pipeline folder (see module docstring).
 
     ``data``: the training data's summary for the model card (``card.data_summary`` of the curate manifests)."""
-    from sd_distill.distill.card import write_model_card
-
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-
-    from sd_distill.distill.teacher import check_teacher_folder, is_sdxl_index
-    from sd_distill.modelref import hub_kwargs, resolve_model_ref
+    from diffusers import (  # deferred: heavy (diffusers)
+        DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
 
     if not phase_dirs:
         raise ValueError("export_student needs at least one finished phase folder")
