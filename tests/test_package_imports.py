@@ -1,10 +1,12 @@
 """The library's import graph, read from the source with ``ast``: sd_distill/ never imports Prefect (not even inside a
-function), and its module-level imports form no cycle (function-local imports, which defer heavy dependencies, are
-not edges: they run after every module has loaded)."""
+function), its module-level imports form no cycle (function-local imports are not edges: they run after every module
+has loaded), and every function-local import says on its line why it is not at the top: ``# deferred: heavy (pkg)``,
+``# deferred: optional (pkg)`` or ``# deferred: cycle (a <-> b)``."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,3 +114,46 @@ def test_sd_distill_never_imports_prefect():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{name}:{node.lineno} imports {n}" for n in names if n.split(".")[0] == "prefect"]
     assert offenders == []
+
+
+DEFERRED = re.compile(r"# deferred: (heavy|optional|cycle) \(.+\)")
+
+
+def function_local_imports(source: str):
+    """``(line number, source text)`` of every import statement inside a function body (nested ones included), the
+    text spanning all lines of a multi-line import."""
+    lines = source.splitlines()
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    yield node.lineno, "\n".join(lines[node.lineno - 1:node.end_lineno])
+
+
+def undeclared_deferrals(source: str) -> list[int]:
+    """Line numbers of function-local imports without a ``# deferred: <heavy|optional|cycle> (<what>)`` comment."""
+    return sorted({line for line, text in function_local_imports(source) if not DEFERRED.search(text)})
+
+
+def test_the_deferral_check_reads_multi_line_imports_and_nested_functions():
+    source = """import os
+
+def f():
+    import json
+    from diffusers import (  # deferred: heavy (diffusers)
+        UNet2DConditionModel)
+    from transformers import (A,
+                              B)  # deferred: heavy (transformers)
+
+    def g():
+        import tempfile  # deferred: because
+    return g
+"""
+    assert undeclared_deferrals(source) == [4, 11]
+
+
+def test_every_function_local_import_in_sd_distill_says_why_it_is_deferred():
+    offenders = [f"{MODULES[name].relative_to(ROOT)}:{line}" for name in sorted(MODULES)
+                 for line in undeclared_deferrals(MODULES[name].read_text())]
+    assert offenders == [], ("imports inside functions without '# deferred: heavy|optional|cycle (...)': move them "
+                             f"to the module's top or say why they stay: {offenders}")
