@@ -2,7 +2,7 @@
 
 Interface (what the distill stage calls):
 
-    plan_phases(cfg) -> list[PhaseSpec]                              # config.py: the method's phases, in order
+    plan_phases(cfg) -> list[PhaseSpec]                              # registry.py: the method's phases, in order
     make_student(cfg, teacher_unet, phase) -> UNet2DConditionModel   # students.py: trainable, from teacher_unet
     build_method(cfg, phase, teacher, teacher_unet, student_unet) -> DistillMethod
     DistillMethod.student; DistillMethod.loss(batch, generator) -> (loss, logs)
@@ -41,8 +41,8 @@ from __future__ import annotations
 
 from sd_distill.diffusion.sampling import ddim_sample
 from sd_distill.distill.methods.common import DistillMethod, check_compatible
-from sd_distill.distill.methods.config import METHOD_KINDS, MethodConfig, PhaseSpec, plan_phases
-from sd_distill.distill.methods.registry import METHODS, phase_class
+from sd_distill.distill.methods.config import METHOD_KINDS, MethodConfig, PhaseSpec
+from sd_distill.distill.methods.registry import METHODS, phase_class, plan_phases
 from sd_distill.distill.methods.students import make_student, with_w_conditioning
 from sd_distill.distill.textcond import accept_text_cond, is_sdxl_unet
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from sd_distill.diffusion.math import add_noise, convert
-from sd_distill.distill.methods.config import training_schedule
+from sd_distill.distill.methods.config import MethodConfig, PhaseSpec, training_schedule
 from sd_distill.distill.methods.common import random_timesteps, randn, unpack_batch, uniform
 
 ARCHS = ("bk-base", "bk-small", "bk-tiny")
@@ -188,3 +188,9 @@ class BkSdmDistillation:
         logs = {"loss": total.detach(), "loss_task": l_task.detach(), "loss_kd_out": l_out.detach(),
                 "loss_kd_feat": l_feat.detach()}
         return total, logs
+
+
+def plan(cfg: MethodConfig) -> list[PhaseSpec]:
+    """One phase: architecture distillation at the teacher's own step count (teacher_steps = student_steps)."""
+    return [PhaseSpec(index=0, name=f"bksdm-kd-{cfg.student_arch}", teacher_steps=cfg.student_steps,
+                      student_steps=cfg.student_steps, kind="bksdm_kd")]

@@ -33,7 +33,7 @@ from torch import Tensor
 from sd_distill.diffusion.math import add_noise, cfg_combine, two_step_target
 from sd_distill.diffusion.sampling import guided_prediction
 from sd_distill.diffusion.math import to_x0
-from sd_distill.distill.methods.config import training_schedule
+from sd_distill.distill.methods.config import MethodConfig, PhaseSpec, training_schedule
 from sd_distill.distill.methods.common import (data_loss, randn, regression_loss, student_intervals,
                                                teacher_cfg_and_cond_endpoints, teacher_endpoint, teacher_trajectory_states,
                                                uniform, unpack_batch)
@@ -117,3 +117,9 @@ class CfgAwareDistillation:
             logs["loss_data"] = l_data.detach()
         logs["loss"] = total.detach()
         return total, logs
+
+
+def plan(cfg: MethodConfig) -> list[PhaseSpec]:
+    """One phase, teacher_steps -> student_steps."""
+    return [PhaseSpec(index=0, name=f"cfg-aware-{cfg.teacher_steps}-{cfg.student_steps}",
+                      teacher_steps=cfg.teacher_steps, student_steps=cfg.student_steps, kind="cfg_aware")]

@@ -1,4 +1,4 @@
-"""Method configuration and the phase plan: which distillation stages a method runs, in what order.
+"""Method configuration and the phases a method runs (each method file plans its own: ``plan(cfg)``).
 
 Each :class:`PhaseSpec` becomes its own stage-store entry, so a failed progressive halving reruns alone.
 """
@@ -9,9 +9,11 @@ from typing import Literal, Optional, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MethodKind = Literal["cfg_aware", "w_conditioned", "progressive", "bksdm_kd"]
+MethodKind = Literal["cfg_aware", "w_conditioned", "progressive", "bksdm_kd"]  # registry.METHODS, checked at import
+PhaseKind = Literal["cfg_aware", "w_stage1", "w_halving", "progressive", "bksdm_kd"]  # the registry's phase classes
 StudentArch = Literal["same", "bk-base", "bk-small", "bk-tiny"]
 METHOD_KINDS: tuple[str, ...] = get_args(MethodKind)
+PHASE_KINDS: tuple[str, ...] = get_args(PhaseKind)
 STUDENT_ARCHS: tuple[str, ...] = get_args(StudentArch)
 
 # The share of training states taken from the teacher's guided sampler when a run does not set it. cfg_aware: 0.5,
@@ -95,7 +97,7 @@ class PhaseSpec(BaseModel):
     name: str  # stable, filesystem-safe name, e.g. "halving-32-16"
     teacher_steps: int  # steps the phase's teacher runs for one student interval grid
     student_steps: int  # steps the phase's student is trained to sample with
-    kind: Literal["cfg_aware", "w_stage1", "w_halving", "progressive", "bksdm_kd"]  # which loss the phase uses
+    kind: PhaseKind  # which loss the phase uses
     w_conditioned: bool = False  # the phase's student (and, for halvings, its teacher) take a guidance embedding
 
 
@@ -106,30 +108,13 @@ def training_schedule(cfg: MethodConfig, teacher_schedule):
     return teacher_schedule.with_spacing(cfg.timestep_spacing)
 
 
-def plan_phases(cfg: MethodConfig) -> list[PhaseSpec]:
-    """The phases of ``cfg.kind``, in training order.
-
-    * cfg_aware: one phase, teacher_steps -> student_steps.
-    * bksdm_kd: one phase (architecture distillation at the teacher's own step count = student_steps).
-    * w_conditioned: stage 1 (match the CFG output at progressive_start_steps with a w-conditioned student),
-      then halvings progressive_start_steps -> ... -> student_steps.
-    * progressive: halvings only.
-    """
-    if cfg.kind == "cfg_aware":
-        return [PhaseSpec(index=0, name=f"cfg-aware-{cfg.teacher_steps}-{cfg.student_steps}",
-                          teacher_steps=cfg.teacher_steps, student_steps=cfg.student_steps, kind="cfg_aware")]
-    if cfg.kind == "bksdm_kd":
-        return [PhaseSpec(index=0, name=f"bksdm-kd-{cfg.student_arch}", teacher_steps=cfg.student_steps,
-                          student_steps=cfg.student_steps, kind="bksdm_kd")]
+def halving_phases(cfg: MethodConfig, kind: str, *, w_conditioned: bool = False, first_index: int = 0) -> list[PhaseSpec]:
+    """Phases of ``kind`` that halve the steps, progressive_start_steps -> ... -> student_steps, numbered from
+    ``first_index`` (progressive and w_conditioned plans)."""
     phases: list[PhaseSpec] = []
-    w = cfg.kind == "w_conditioned"
-    if w:
-        phases.append(PhaseSpec(index=0, name=f"w-stage1-{cfg.progressive_start_steps}",
-                                teacher_steps=cfg.progressive_start_steps, student_steps=cfg.progressive_start_steps,
-                                kind="w_stage1", w_conditioned=True))
     steps = cfg.progressive_start_steps
     while steps > cfg.student_steps:
-        phases.append(PhaseSpec(index=len(phases), name=f"halving-{steps}-{steps // 2}", teacher_steps=steps,
-                                student_steps=steps // 2, kind="w_halving" if w else "progressive", w_conditioned=w))
+        phases.append(PhaseSpec(index=first_index + len(phases), name=f"halving-{steps}-{steps // 2}",
+                                teacher_steps=steps, student_steps=steps // 2, kind=kind, w_conditioned=w_conditioned))
         steps //= 2
     return phases

@@ -11,6 +11,7 @@ The loss of one halving is therefore :class:`CfgAwareDistillation` with k = 2.
 from __future__ import annotations
 
 from sd_distill.distill.methods.cfg_aware import CfgAwareDistillation
+from sd_distill.distill.methods.config import MethodConfig, PhaseSpec, halving_phases
 
 
 class ProgressiveDistillation(CfgAwareDistillation):
@@ -24,3 +25,8 @@ class ProgressiveDistillation(CfgAwareDistillation):
             raise ValueError("progressive distillation has no guidance input, but the teacher UNet is w-conditioned "
                              "(time_cond_proj_dim set); use kind='w_conditioned' for it")
         super().__init__(cfg, phase, teacher, teacher_unet, student_unet)
+
+
+def plan(cfg: MethodConfig) -> list[PhaseSpec]:
+    """Halvings only: progressive_start_steps -> ... -> student_steps."""
+    return halving_phases(cfg, "progressive")

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from sd_distill.diffusion.math import add_noise, to_x0, two_step_target
 from sd_distill.diffusion.sampling import guided_prediction
-from sd_distill.distill.methods.config import training_schedule
+from sd_distill.distill.methods.config import MethodConfig, PhaseSpec, halving_phases, training_schedule
 from sd_distill.distill.methods.common import (data_loss, randn, regression_loss, student_intervals,
                                                teacher_endpoint, uniform, unpack_batch)
 
@@ -128,3 +128,11 @@ class WConditionedHalving:
         logs = {"t_mean": t.float().mean(), "guidance_mean": guidance_scale.mean()}
         loss = _with_data_term(self, loss, logs, x0, z_t, t, cond, alpha_t, sigma_t)
         return loss, {"loss": loss.detach(), **logs}
+
+
+def plan(cfg: MethodConfig) -> list[PhaseSpec]:
+    """Stage 1 (match the CFG output at progressive_start_steps with a w-conditioned student), then halvings
+    progressive_start_steps -> ... -> student_steps."""
+    stage1 = PhaseSpec(index=0, name=f"w-stage1-{cfg.progressive_start_steps}", teacher_steps=cfg.progressive_start_steps,
+                       student_steps=cfg.progressive_start_steps, kind="w_stage1", w_conditioned=True)
+    return [stage1, *halving_phases(cfg, "w_halving", w_conditioned=True, first_index=1)]
