@@ -114,18 +114,13 @@ def ablation_flow(toy_n: int, steps: int, weights: list[float], prompts: int, st
 def measure(out: dict, store: str, weights: list[float]) -> dict:
     """Per model: each metric with its interval; per data weight and pair: the paired differences."""
     from sd_distill.evaluate import compare
-    from sd_distill.evaluate.prompts import load_coco_prompts
     from sd_distill.store import StageStore, load_manifest
-    from sd_distill.toy.measures import curation_measures, generation_differences, generation_measures
+    from sd_distill.toy.measures import curation_measures, generation_differences, report_generation_measures
 
     report = load_manifest(out["report"])
-    params = report.params
-    level = params.get("confidence", 0.95)
-    boot = {"bootstrap_samples": params.get("bootstrap_samples", 1000), "bootstrap_seed": params.get("bootstrap_seed", 0),
-            "level": level}
-    records = json.loads((report.path / "records.json").read_text())
-    prompts = load_coco_prompts(params["coco_captions"], params["coco_images"], params["max_coco_prompts"]).prompts
-    toy_rows = {_label(r): r for r in generation_measures(records, prompts=prompts, **boot)}
+    records, generated, boot = report_generation_measures(report.path, report.params)
+    level = boot["level"]
+    toy_rows = {_label(r): r for r in generated}
     by_name = {_label(r): r for r in records}
 
     rows = {}

@@ -40,18 +40,13 @@ METRICS = (("fid", "toy-FID ↓", 1), ("is", "IS ↑", 2), ("clip", "CLIP ↑", 
 def measure(report_uri: str) -> dict:
     """Rows with intervals (metrics and toy measures) and each row's paired difference to the most-steps row."""
     from sd_distill.evaluate import compare
-    from sd_distill.evaluate.prompts import load_coco_prompts
     from sd_distill.store import load_manifest
-    from sd_distill.toy.measures import generation_differences, generation_measures
+    from sd_distill.toy.measures import generation_differences, report_generation_measures
 
     report = load_manifest(report_uri)
-    params = report.params
-    level = params.get("confidence", 0.95)
-    boot = {"bootstrap_samples": params.get("bootstrap_samples", 1000),
-            "bootstrap_seed": params.get("bootstrap_seed", 0), "level": level}
-    records = json.loads((report.path / "records.json").read_text())
-    prompts = load_coco_prompts(params["coco_captions"], params["coco_images"], params["max_coco_prompts"]).prompts
-    toy = {r["steps"]: r for r in generation_measures(records, prompts=prompts, **boot)}
+    records, toy_rows, boot = report_generation_measures(report.path, report.params)
+    level = boot["level"]
+    toy = {r["steps"]: r for r in toy_rows}
     most = max(r["steps"] for r in records)
     rows, diffs = [], {}
     for r in sorted(records, key=lambda r: r["steps"]):

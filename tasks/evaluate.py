@@ -10,11 +10,10 @@ from prefect.artifacts import create_table_artifact
 from sd_distill.evaluate import report as report_lib
 from sd_distill.evaluate import run as lib
 from sd_distill.evaluate.guidance import guidance_outside_training
-from sd_distill.evaluate.prompts import load_coco_prompts
-from sd_distill.evaluate.records import RECORDS_FILE, load_model_records, read_records, write_model_records
+from sd_distill.evaluate.records import load_model_records, write_model_records
 from sd_distill.modelref import model_fingerprint
 from sd_distill.store import StageStore, load_manifest
-from sd_distill.toy.measures import curation_measures, generation_differences, generation_measures
+from sd_distill.toy.measures import curation_measures, generation_differences, report_generation_measures
 from sd_distill.toy.sources import make_eval_prompts
 from tasks._artifacts import publish_image, publish_markdown
 from tasks._stage import stage_task
@@ -97,12 +96,7 @@ def toy_world_measures(shards, report, store_root: str) -> dict:
     store = StageStore(store_root)
     sources = store.find("curate/sources", shards.upstream_key("curate/sources"))
     measures = {"curation": curation_measures(sources.path, shards.path)}
-    params = report.params
-    prompts = load_coco_prompts(params["coco_captions"], params["coco_images"], params["max_coco_prompts"]).prompts
-    records = read_records(report.path / RECORDS_FILE)
-    boot = {"bootstrap_samples": params.get("bootstrap_samples", 1000), "bootstrap_seed": params.get("bootstrap_seed", 0),
-            "level": params.get("confidence", 0.95)}
-    rows = generation_measures(records, prompts=prompts, **boot)
+    _, rows, boot = report_generation_measures(report.path, report.params)
     measures["generation_differences"] = generation_differences(rows, **boot)
     measures["generation"] = [{k: v for k, v in r.items() if k != "per_prompt"} for r in rows]
     return measures

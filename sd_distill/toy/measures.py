@@ -9,6 +9,8 @@
   Each is a mean over prompts with its bootstrap interval (``<key>_lo`` / ``<key>_hi``, resampled on the
   report's prompt indices, ``sd_distill.evaluate.stats``); ``generation_differences`` pairs every student
   row with every teacher row on them.
+- ``report_generation_measures``: both of the above for an evaluate report folder, with its own prompts and
+  bootstrap settings.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch
 from sd_distill.curate.shards import read_curated
 from sd_distill.evaluate import stats
 from sd_distill.evaluate.generate import load_images
+from sd_distill.evaluate.prompts import load_coco_prompts
+from sd_distill.evaluate.records import RECORDS_FILE, read_records
 from sd_distill.modelref import resolve_model_ref
 from sd_distill.toy.classifier import ToyAttributeClassifier
 from sd_distill.toy.world import caption_accuracy
@@ -163,3 +167,15 @@ def _as_tensor(images) -> torch.Tensor:
     """[N, 3, H, W] float in [0, 1] from PIL images."""
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 255.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2)
+
+
+def report_generation_measures(report_dir: str | Path, params: dict) -> tuple[list[dict], list[dict], dict]:
+    """An evaluate report's records, the ``generation_measures`` rows of its images, and the bootstrap settings
+    it used (``bootstrap_samples``, ``bootstrap_seed``, ``level``: pass them on to ``generation_differences``).
+
+    ``params``: the report manifest's parameters (its prompt files and bootstrap settings)."""
+    boot = {"bootstrap_samples": params.get("bootstrap_samples", 1000),
+            "bootstrap_seed": params.get("bootstrap_seed", 0), "level": params.get("confidence", 0.95)}
+    prompts = load_coco_prompts(params["coco_captions"], params["coco_images"], params["max_coco_prompts"]).prompts
+    records = read_records(Path(report_dir) / RECORDS_FILE)
+    return records, generation_measures(records, prompts=prompts, **boot), boot
