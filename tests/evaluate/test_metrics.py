@@ -86,7 +86,8 @@ def test_inception_score_matches_torchmetrics_with_the_same_permutation():
     with torch.no_grad():
         mean, std = inception_score(net.features(imgs)[1], splits=10, permutation=perm)
     assert mean == pytest.approx(float(tm_mean), rel=1e-5)
-    assert std == pytest.approx(float(tm_std), rel=1e-4)
+    # the std over splits is ~1.5e-4 here (scores near 1): torchmetrics' fp32 sums leave ~4e-8 of rounding in it
+    assert std == pytest.approx(float(tm_std), rel=1e-4, abs=2e-7)
 
 
 def test_inception_score_bounds_one_for_identical_predictions_and_k_for_confident_uniform_classes():
