@@ -14,7 +14,9 @@ bad), the curate flow runs three times; every variant keeps the download step's 
 Each variant's steps are their own cached stages (download is shared, (b) and (c) share the score stage). The
 same student is distilled from each: the demo's distill parameters (``toy:sd``, CFG-aware 16 -> 8, half the
 states on the teacher's path) with ``--steps`` training steps and a denoising data term on the curated latents
-(``method.data_loss_weight``, one student per value of ``--data-loss-weights``). Without that term the loss sees
+(``method.data_loss_weight``, one student per value of ``--data-loss-weights``); ``--method`` / ``--trainer
+KEY=VALUE`` set any other method or trainer field for every student (e.g. ``vanilla_loss_weight=0``,
+``warmup_steps=100``). Without that term the loss sees
 the curated images only through the noised states z_t (and not at all on the teacher-path half), and the
 captions only as conditioning. Every student is evaluated with DPM-Solver++ at 8 steps, and the teacher at 8
 and 20 steps (``TEACHER_STEPS``), guidance 7.5, on the same ``--prompts`` held-out toy prompts and seeds:
@@ -76,10 +78,27 @@ def curate_params(variant: str, toy_n: int) -> CurateParams:
     return CurateParams.model_validate(params)
 
 
-def distill_params(steps: int, data_loss_weight: float, lr: float | None = None) -> DistillParams:
-    """The demo's distill parameters with ``steps`` training steps, the data term's weight and (when given) ``lr``."""
-    trainer = {"max_steps": steps, **({"lr": lr} if lr is not None else {})}
-    return DistillParams.model_validate({"method": {"data_loss_weight": data_loss_weight}, "trainer": trainer})
+def distill_params(steps: int, data_loss_weight: float, lr: float | None = None, method: dict | None = None,
+                   trainer: dict | None = None) -> DistillParams:
+    """The demo's distill parameters with ``steps`` training steps, the data term's weight, (when given) ``lr``, and
+    any further ``method`` / ``trainer`` fields (``--method`` / ``--trainer KEY=VALUE``)."""
+    trainer = {"max_steps": steps, **({"lr": lr} if lr is not None else {}), **(trainer or {})}
+    return DistillParams.model_validate({"method": {"data_loss_weight": data_loss_weight, **(method or {})},
+                                         "trainer": trainer})
+
+
+def overrides(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings as a dict; each value read as JSON (numbers, null, true) or else kept as a string."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"override {pair!r} is not KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def student_name(variant: str, weight: float) -> str:
@@ -88,7 +107,8 @@ def student_name(variant: str, weight: float) -> str:
 
 @flow(name="bench-curation-ablation", log_prints=True)
 def ablation_flow(toy_n: int, steps: int, weights: list[float], prompts: int, store: str,
-                  variants: list[str] = list(VARIANTS), lr: float | None = None) -> dict:
+                  variants: list[str] = list(VARIANTS), lr: float | None = None, method: dict | None = None,
+                  trainer: dict | None = None) -> dict:
     timings: dict[str, float] = {}
     shards = {}
     for v in variants:
@@ -99,7 +119,7 @@ def ablation_flow(toy_n: int, steps: int, weights: list[float], prompts: int, st
     for w in weights:
         for v in variants:
             start = time.time()
-            students[student_name(v, w)] = distill(params=distill_params(steps, w, lr), curated=shards[v].uri,
+            students[student_name(v, w)] = distill(params=distill_params(steps, w, lr, method, trainer), curated=shards[v].uri,
                                                    store_root=store)
             timings[f"distill {student_name(v, w)}"] = time.time() - start
     models = [ModelSpec(name="teacher", ref="toy:sd", kind="teacher", steps=list(TEACHER_STEPS))]
@@ -209,6 +229,10 @@ def main() -> None:
     ap.add_argument("--variants", default="a,b,c", help="comma-separated curated sets to train on (default a,b,c)")
     ap.add_argument("--lr", type=float, help="the students' learning rate (default: the demo's trainer.lr)")
     ap.add_argument("--toy-n", type=int, default=200, help="generated source pairs (default 200, the demo's)")
+    ap.add_argument("--method", action="append", default=[], metavar="KEY=VALUE",
+                    help="further method field for every student, e.g. vanilla_loss_weight=0 (repeatable)")
+    ap.add_argument("--trainer", action="append", default=[], metavar="KEY=VALUE",
+                    help="further trainer field for every student, e.g. warmup_steps=100 (repeatable)")
     ap.add_argument("--json", help="also write the measured numbers here")
     ap.add_argument("--smoke", action="store_true", help="tiny run (48 pairs, 4 steps, 40 prompts): wiring only")
     args = ap.parse_args()
@@ -222,12 +246,14 @@ def main() -> None:
 
     store = resolve_store_root(args.store)
     start = time.time()
-    out = ablation_flow(args.toy_n, args.steps, weights, args.prompts, store, variants, args.lr)
+    method, trainer = overrides(args.method), overrides(args.trainer)
+    out = ablation_flow(args.toy_n, args.steps, weights, args.prompts, store, variants, args.lr, method, trainer)
     res = measure(out, store, weights)
     wall = time.time() - start
     settings = (f"toy world, {args.toy_n} source pairs; student: toy:sd CFG-aware 16 -> 8, {args.steps} steps, "
                 f"lr {args.lr if args.lr is not None else DistillParams().trainer.lr:g}, "
-                f"data_loss_weight {', '.join(f'{w:g}' for w in weights)}; evaluated with DPM-Solver++ 8 steps (teacher "
+                f"data_loss_weight {', '.join(f'{w:g}' for w in weights)}"
+                f"{''.join(f', {k} {v}' for k, v in {**method, **trainer}.items())}; evaluated with DPM-Solver++ 8 steps (teacher "
                 f"{' and '.join(map(str, TEACHER_STEPS))}), "
                 f"guidance 7.5, {args.prompts} held-out prompts ({max(1, args.prompts // 4)} per HPSv2 style); "
                 f"wall {wall:.0f} s")
