@@ -59,6 +59,7 @@ def prefect_env(home: Path, api_url: str, **extra: str) -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         NO_ALBUMENTATIONS_UPDATE="1",
         PREFECT_LOGGING_LEVEL="INFO",
+        PREFECT_WORKER_QUERY_SECONDS="1",  # a scheduled run starts within a second, not within the default 10 s
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
     )
     env.update(extra)

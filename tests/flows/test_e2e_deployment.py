@@ -73,7 +73,7 @@ def _wait(api_url: str, run_id: str, timeout: float = 600) -> str:
             state = client.read_flow_run(run_id).state
             if state is not None and state.is_final():
                 return state.type.value
-            time.sleep(2)
+            time.sleep(0.5)
     raise TimeoutError(f"flow run {run_id} did not finish in {timeout}s")
 
 

@@ -19,8 +19,11 @@ Per batch (symbols as in :mod:`sd_distill.diffusion.math`):
     with L the MSE in ``loss_space`` weighted by ``snr_weighting`` (``endpoint``: the distance between where the
     student's step and the teacher's steps land at t_end), and L_data the denoising term on the curated latent x
     itself, SD's objective in the student's prediction space (:func:`~sd_distill.distill.methods.common.data_loss`;
-    only on the rows whose z_t was noised from x, not on trajectory states). The three together are the
-    reference's one-stage "multi-loss"; data_loss_weight defaults to 0.
+    only on the rows whose z_t was noised from x, not on trajectory states). As SD trains with caption dropout,
+    a ``data_uncond_fraction`` p of those rows regress the unconditional output x_hat_u instead of x_hat_c:
+    L_data(m * x_hat_u + (1 - m) * x_hat_c, x) with m ~ Bernoulli(p) per row, so the prediction CFG
+    extrapolates from (x_hat_u) learns the curated set too, not only the conditional one. The three terms together
+    are the reference's one-stage "multi-loss"; data_loss_weight defaults to 0.
 The student keeps the teacher's prediction type: every output is converted to x0 at the boundary, so epsilon,
 sample and v_prediction teachers are handled by the same code.
 """
@@ -30,9 +33,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sd_distill.diffusion.math import add_noise, cfg_combine, two_step_target
+from sd_distill.diffusion.math import add_noise, cfg_combine, to_x0, two_step_target
 from sd_distill.diffusion.sampling import guided_prediction
-from sd_distill.diffusion.math import to_x0
 from sd_distill.distill.methods.config import MethodConfig, PhaseSpec, training_schedule
 from sd_distill.distill.methods.common import (data_loss, randn, regression_loss, student_intervals,
                                                teacher_cfg_and_cond_endpoints, teacher_endpoint, teacher_trajectory_states,
@@ -112,7 +114,14 @@ class CfgAwareDistillation:
             total = total + cfg.vanilla_loss_weight * l_van
             logs["loss_vanilla"] = l_van.detach()
         if cfg.data_loss_weight > 0:  # SD's own objective on the rows that are noised curated latents
-            l_data = data_loss(x_c, x0, z_t, alpha_t, sigma_t, self.prediction_type, rows=~on_path)
+            x_data = x_c
+            if cfg.data_uncond_fraction > 0:  # caption dropout: some rows train the unconditional output
+                dropped = uniform(n, 0.0, 1.0, generator, device) < cfg.data_uncond_fraction
+                if not use_cfg:  # no unconditional forward yet
+                    x_u = to_x0(guided_prediction(self.student, z_t, t, uncond, None, 1.0, "cond"), z_t, alpha_t,
+                                sigma_t, self.prediction_type)
+                x_data = torch.where(dropped.view(-1, *([1] * (x_c.dim() - 1))), x_u, x_c)
+            l_data = data_loss(x_data, x0, z_t, alpha_t, sigma_t, self.prediction_type, rows=~on_path)
             total = total + cfg.data_loss_weight * l_data
             logs["loss_data"] = l_data.detach()
         logs["loss"] = total.detach()

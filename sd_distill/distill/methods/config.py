@@ -40,6 +40,10 @@ class MethodConfig(BaseModel):
     data_loss_weight: float = Field(0.0, ge=0.0)  # cfg_aware / progressive / w_conditioned: weight of the denoising
     # term on the curated latent itself (SD's objective in the student's prediction space; the reference's
     # "multi-loss" adds it to the two distillation terms). 0: distillation terms only (the measured defaults)
+    data_uncond_fraction: float = Field(0.1, ge=0.0, le=1.0)  # cfg_aware / progressive: share of the data term's
+    # rows on which the student's unconditional output (negative prompt) is regressed onto the curated latent
+    # instead of its conditional one: SD's caption dropout (SD 1.5 trained with 10%), so the unconditional
+    # prediction that CFG extrapolates from learns the curated set too. 0: conditional output only
     loss_space: Literal["x0", "epsilon", "v", "endpoint"] = "v"  # space the MSE is measured in (v: SnapFusion's
     # choice; endpoint: the latent where the student's DDIM step lands vs where the teacher's steps land)
     snr_weighting: Literal["none", "snr", "truncated_snr", "min_snr_5"] = "none"  # per-timestep weight (see math)

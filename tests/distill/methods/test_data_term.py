@@ -71,6 +71,29 @@ def test_multi_loss_adds_the_weighted_data_term_and_data_only_training_denoises(
     assert held_out() < 0.8 * before  # SD's objective goes down on the fixed batch
 
 
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_caption_dropout_in_the_data_term_regresses_the_unconditional_output(load_tiny_teacher, prediction_type):
+    """data_uncond_fraction 1: the data term is SD's objective on the student's unconditional output, i.e. the same
+    loss as fraction 0 on a batch whose captions are the negative prompt (same timesteps and noise: the dropout draw
+    comes after every other draw); fraction 0 trains the conditional output only, as before."""
+    teacher = load_tiny_teacher(prediction_type)
+    batch = prompt_batch(teacher)
+    dropped = dict(batch, prompt_embeds=batch["negative_embeds"].expand_as(batch["prompt_embeds"]))
+
+    def loss(fraction: float, b: dict) -> float:
+        cfg = MethodConfig(teacher_steps=4, student_steps=2, cfg_loss_weight=0.0, vanilla_loss_weight=0.0,
+                           data_loss_weight=1.0, trajectory_fraction=0.0, data_uncond_fraction=fraction)
+        phase = plan_phases(cfg)[0]
+        method = build_method(cfg, phase, teacher, teacher.unet, make_student(cfg, teacher.unet, phase))
+        with torch.no_grad():
+            return float(method.loss(b, torch.Generator().manual_seed(3))[0])
+
+    uncond_only, cond_only = loss(1.0, batch), loss(0.0, batch)
+    assert uncond_only == pytest.approx(loss(0.0, dropped), rel=1e-6)
+    assert abs(uncond_only - cond_only) > 1e-4 * cond_only  # the two outputs differ, so the test can tell them apart
+    assert MethodConfig().data_uncond_fraction == 0.1  # SD 1.5's caption dropout
+
+
 def test_data_term_is_refused_where_it_does_not_fit():
     with pytest.raises(ValidationError, match="kd_task_weight"):
         MethodConfig(kind="bksdm_kd", student_arch="bk-small", data_loss_weight=1.0)
