@@ -84,6 +84,13 @@ def make_accelerator(cfg: TrainerConfig):
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
 
 
+def phase_trainer(tc, phase):
+    """The trainer settings of ``phase``: ``tc`` with the phase's own ``max_steps`` / ``lr`` / ``batch_size`` where it
+    sets them."""
+    update = {k: getattr(phase, k) for k in ("max_steps", "lr", "batch_size") if getattr(phase, k, None) is not None}
+    return tc.model_copy(update=update) if update else tc
+
+
 def train_phase(
     params: DistillParams,
     phase,
@@ -97,12 +104,14 @@ def train_phase(
     """Train one phase's student; writes ``unet/``, ``loss_curve.csv``, ``phase.json``, ``checkpoints/``.
 
     ``teacher_unet_ref`` / ``student_init_ref``: folders of earlier phases (progressive chains); None means
-    the original teacher's UNet and ``make_student(...)`` from it. ``resume``: continue from the newest
-    complete checkpoint in ``out_dir/checkpoints`` when there is one.
+    the original teacher's UNet and ``make_student(...)`` from it (so does a ``phase.new_student``: the first
+    distillation phase after a fine-tune makes its student from the fine-tuned teacher). ``phase.max_steps`` /
+    ``phase.lr`` / ``phase.batch_size`` override the trainer's for this phase. ``resume``: continue from the
+    newest complete checkpoint in ``out_dir/checkpoints`` when there is one.
     """
     from accelerate.utils import set_seed  # deferred: heavy (accelerate)
 
-    tc = params.trainer
+    tc = phase_trainer(params.trainer, phase)
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
 
@@ -122,7 +131,7 @@ def train_phase(
     # 1. models: frozen teachers in the autocast dtype, the student in fp32 ----------------------------
     teacher = load_teacher(params.teacher, device="cpu", dtype=torch.float32)
     teacher_unet = load_unet(teacher_unet_ref) if teacher_unet_ref else teacher.unet
-    if student_init_ref:
+    if student_init_ref and not phase.new_student:
         student = load_unet(student_init_ref)
     else:
         student = methods.make_student(params.method, teacher_unet, phase)
@@ -267,6 +276,9 @@ def train_phase(
         "skipped_steps": sum(1 for h in history if h["skipped"]),
         "checkpoint": str(last_ckpt),
         "unet": str(out_dir / "unet"),
+        "teacher_unet": str(teacher_unet_ref) if teacher_unet_ref else None,  # None: the teacher pipeline's UNet
+        "student_init": str(student_init_ref) if student_init_ref and not phase.new_student else None,  # None: made
+        # from this phase's teacher (make_student)
         "ema": ema is not None,
         "prediction_type": getattr(teacher, "prediction_type", None),
         "time_cond_proj_dim": raw_student.config.get("time_cond_proj_dim"),

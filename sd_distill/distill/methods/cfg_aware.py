@@ -36,6 +36,7 @@ from torch import Tensor
 from sd_distill.diffusion.math import add_noise, cfg_combine, to_x0, two_step_target
 from sd_distill.diffusion.sampling import guided_prediction
 from sd_distill.distill.methods.config import MethodConfig, PhaseSpec, training_schedule
+from sd_distill.distill.methods.finetune import after_finetune, finetune_phases
 from sd_distill.distill.methods.common import (data_loss, randn, regression_loss, student_intervals,
                                                teacher_cfg_and_cond_endpoints, teacher_endpoint, teacher_trajectory_states,
                                                uniform, unpack_batch)
@@ -129,6 +130,7 @@ class CfgAwareDistillation:
 
 
 def plan(cfg: MethodConfig) -> list[PhaseSpec]:
-    """One phase, teacher_steps -> student_steps."""
-    return [PhaseSpec(index=0, name=f"cfg-aware-{cfg.teacher_steps}-{cfg.student_steps}",
-                      teacher_steps=cfg.teacher_steps, student_steps=cfg.student_steps, kind="cfg_aware")]
+    """One phase, teacher_steps -> student_steps (after the fine-tune phase when ``finetune_steps`` > 0)."""
+    return after_finetune([PhaseSpec(index=0, name=f"cfg-aware-{cfg.teacher_steps}-{cfg.student_steps}",
+                                     teacher_steps=cfg.teacher_steps, student_steps=cfg.student_steps, kind="cfg_aware")],
+                          finetune_phases(cfg, cfg.teacher_steps))

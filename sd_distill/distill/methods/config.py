@@ -10,7 +10,7 @@ from typing import Literal, Optional, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MethodKind = Literal["cfg_aware", "w_conditioned", "progressive", "bksdm_kd"]  # registry.METHODS, checked at import
-PhaseKind = Literal["cfg_aware", "w_stage1", "w_halving", "progressive", "bksdm_kd"]  # the registry's phase classes
+PhaseKind = Literal["finetune", "cfg_aware", "w_stage1", "w_halving", "progressive", "bksdm_kd"]  # the registry's phase classes
 StudentArch = Literal["same", "bk-base", "bk-small", "bk-tiny"]
 METHOD_KINDS: tuple[str, ...] = get_args(MethodKind)
 PHASE_KINDS: tuple[str, ...] = get_args(PhaseKind)
@@ -44,6 +44,13 @@ class MethodConfig(BaseModel):
     # rows on which the student's unconditional output (negative prompt) is regressed onto the curated latent
     # instead of its conditional one: SD's caption dropout (SD 1.5 trained with 10%), so the unconditional
     # prediction that CFG extrapolates from learns the curated set too. 0: conditional output only
+    finetune_steps: int = Field(0, ge=0)  # cfg_aware / progressive / w_conditioned: optimizer steps of a first phase
+    # that fine-tunes a copy of the teacher on the curated set with SD's own objective (caption dropout
+    # data_uncond_fraction; methods/finetune.py); the distillation phases then learn from the fine-tuned UNet.
+    # 0: no such phase, the student learns from the teacher as it is
+    finetune_lr: Optional[float] = Field(None, gt=0)  # that phase's peak learning rate; None: trainer.lr
+    finetune_batch_size: Optional[int] = Field(None, ge=1)  # that phase's micro-batch; None: trainer.batch_size (one
+    # UNet forward per row, against up to 2 + 2k for a distillation row, so it affords a larger batch)
     loss_space: Literal["x0", "epsilon", "v", "endpoint"] = "v"  # space the MSE is measured in (v: SnapFusion's
     # choice; endpoint: the latent where the student's DDIM step lands vs where the teacher's steps land)
     snr_weighting: Literal["none", "snr", "truncated_snr", "min_snr_5"] = "none"  # per-timestep weight (see math)
@@ -82,6 +89,9 @@ class MethodConfig(BaseModel):
         if self.data_loss_weight > 0 and self.trajectory_fraction == 1.0:
             raise ValueError("data_loss_weight needs noised curated latents, but trajectory_fraction 1.0 takes every "
                              "training state from the teacher's sampler; lower trajectory_fraction")
+        if self.finetune_steps and self.kind == "bksdm_kd":
+            raise ValueError("finetune_steps is implemented for cfg_aware, progressive and w_conditioned; bksdm_kd has "
+                             "its own denoising term (kd_task_weight)")
         if self.kind == "bksdm_kd" and self.student_arch == "same":
             raise ValueError(f"bksdm_kd needs a block-removed student_arch; valid: {list(STUDENT_ARCHS[1:])}")
         if self.kind in ("w_conditioned", "progressive"):
@@ -103,6 +113,11 @@ class PhaseSpec(BaseModel):
     student_steps: int  # steps the phase's student is trained to sample with
     kind: PhaseKind  # which loss the phase uses
     w_conditioned: bool = False  # the phase's student (and, for halvings, its teacher) take a guidance embedding
+    max_steps: Optional[int] = Field(None, ge=1)  # this phase's optimizer steps; None: trainer.max_steps
+    lr: Optional[float] = Field(None, gt=0)  # this phase's peak learning rate; None: trainer.lr
+    batch_size: Optional[int] = Field(None, ge=1)  # this phase's micro-batch; None: trainer.batch_size
+    new_student: bool = False  # the student is made from this phase's teacher (make_student) although an earlier
+    # phase exists: the first distillation phase after a fine-tune, whose teacher is the fine-tuned UNet
 
 
 def training_schedule(cfg: MethodConfig, teacher_schedule):

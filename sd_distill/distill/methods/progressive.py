@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from sd_distill.distill.methods.cfg_aware import CfgAwareDistillation
 from sd_distill.distill.methods.config import MethodConfig, PhaseSpec, halving_phases
+from sd_distill.distill.methods.finetune import after_finetune, finetune_phases
 
 
 class ProgressiveDistillation(CfgAwareDistillation):
@@ -28,5 +29,6 @@ class ProgressiveDistillation(CfgAwareDistillation):
 
 
 def plan(cfg: MethodConfig) -> list[PhaseSpec]:
-    """Halvings only: progressive_start_steps -> ... -> student_steps."""
-    return halving_phases(cfg, "progressive")
+    """Halvings only: progressive_start_steps -> ... -> student_steps (after the fine-tune phase when
+    ``finetune_steps`` > 0)."""
+    return after_finetune(halving_phases(cfg, "progressive"), finetune_phases(cfg, cfg.progressive_start_steps))

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from sd_distill.distill.methods import bksdm, cfg_aware, progressive, w_conditioned
+from sd_distill.distill.methods import bksdm, cfg_aware, finetune, progressive, w_conditioned
 from sd_distill.distill.methods.config import METHOD_KINDS, PHASE_KINDS, MethodConfig, PhaseSpec
 
 
@@ -37,12 +37,15 @@ class Method:
     plan: Callable[[MethodConfig], list[PhaseSpec]]  # the method's phases, in training order
 
 
+# the optional first phase of cfg_aware / w_conditioned / progressive (method.finetune_steps > 0)
+FINETUNE = {"finetune": finetune.CuratedFinetune}
+
 METHODS: dict[str, Method] = {
-    "cfg_aware": Method(cfg_aware.__name__, {"cfg_aware": cfg_aware.CfgAwareDistillation}, cfg_aware.plan),
-    "w_conditioned": Method(w_conditioned.__name__, {"w_stage1": w_conditioned.WConditionedStage1,
+    "cfg_aware": Method(cfg_aware.__name__, {**FINETUNE, "cfg_aware": cfg_aware.CfgAwareDistillation}, cfg_aware.plan),
+    "w_conditioned": Method(w_conditioned.__name__, {**FINETUNE, "w_stage1": w_conditioned.WConditionedStage1,
                                                      "w_halving": w_conditioned.WConditionedHalving},
                             w_conditioned.plan),
-    "progressive": Method(progressive.__name__, {"progressive": progressive.ProgressiveDistillation},
+    "progressive": Method(progressive.__name__, {**FINETUNE, "progressive": progressive.ProgressiveDistillation},
                           progressive.plan),
     "bksdm_kd": Method(bksdm.__name__, {"bksdm_kd": bksdm.BkSdmDistillation}, bksdm.plan),
 }
@@ -59,6 +62,7 @@ if set(PHASE_CLASSES) != set(PHASE_KINDS):
 def plan_phases(cfg: MethodConfig) -> list[PhaseSpec]:
     """The phases of ``cfg.kind``, in training order: the ``plan`` of its method's file.
 
+    * cfg_aware, w_conditioned, progressive: with ``finetune_steps`` > 0, first the fine-tune phase (``finetune``).
     * cfg_aware: one phase, teacher_steps -> student_steps.
     * bksdm_kd: one phase (architecture distillation at the teacher's own step count = student_steps).
     * w_conditioned: stage 1 (match the CFG output at progressive_start_steps with a w-conditioned student),

@@ -43,14 +43,18 @@ def check_student_arch(student_arch: str, sdxl: bool) -> None:
 def make_student(cfg: MethodConfig, teacher_unet, phase: PhaseSpec):
     """The phase's student UNet, trainable, initialised from ``teacher_unet`` (the phase's teacher).
 
-    * phase 0 with ``student_arch`` bk-*: BK-SDM block removal of the teacher (see :mod:`.bksdm`);
-      later phases copy their teacher, which is then already block-removed;
+    * a ``finetune`` phase: a copy of the teacher, whatever ``student_arch`` (the teacher itself is fine-tuned);
+    * the first distillation phase (phase 0, or ``new_student`` after a fine-tune) with ``student_arch`` bk-*:
+      BK-SDM block removal of the teacher (see :mod:`.bksdm`); later phases copy their teacher, which is then
+      already block-removed;
     * an SDXL teacher (``addition_embed_type="text_time"``) only with ``student_arch="same"``;
     * ``phase.w_conditioned``: adds a zero-initialised guidance-embedding input (``time_cond_proj_dim``);
     * otherwise a deep copy.
     """
     check_student_arch(cfg.student_arch, is_sdxl_unet(teacher_unet))
-    if phase.index == 0 and cfg.student_arch != "same":
+    if phase.kind == "finetune":
+        student = copy.deepcopy(teacher_unet)
+    elif (phase.index == 0 or phase.new_student) and cfg.student_arch != "same":
         student = block_removed_unet(teacher_unet, cfg.student_arch)
     else:
         student = copy.deepcopy(teacher_unet)
