@@ -1,10 +1,10 @@
 """What each curate step is worth to the student: the same student distilled from three curated sets.
 
-    .venv/bin/python benchmarks/bench_curation_ablation.py [--store runs/store] [--prompts 300] [--steps 300] \
+    .venv/bin/python benchmarks/bench_curation_ablation.py [--store runs/store] [--prompts 300] [--steps 600] \
         [--data-loss-weights 0.5,0] [--json results.json] [--smoke]
 
-On the embedded toy world (the demo's sources: one toy source of 200 generated pairs, a quarter of them planted
-bad), the curate flow runs three times; every variant keeps the download step's decode checks and de-duplication:
+On the embedded toy world (the demo's sources, ``sd_distill/toy/demo.py``: one toy source of 2,000 generated pairs,
+a quarter of them planted bad), the curate flow runs three times; every variant keeps the download step's decode checks and de-duplication:
 
 * (a) ``uncurated``: no HPS filter (``filter.top_fraction`` and ``filter.threshold`` unset: every decoded pair is
   kept) and no recaption (``caption.enabled: false``: the cleaned original captions);
@@ -12,11 +12,11 @@ bad), the curate flow runs three times; every variant keeps the download step's 
 * (c) ``hps+recaption``: filter and recaption, the demo's default curate parameters.
 
 Each variant's steps are their own cached stages (download is shared, (b) and (c) share the score stage). The
-same student is distilled from each: the demo's distill parameters (``toy:sd``, CFG-aware 16 -> 8, half the
-states on the teacher's path) with ``--steps`` training steps and a denoising data term on the curated latents
+same student is distilled from each: the demo's distill parameters (``toy:sd`` fine-tuned on the curated set, then
+CFG-aware 16 -> 8 from the fine-tuned teacher, half the states on its path) with ``--steps`` distillation steps and a denoising data term on the curated latents
 (``method.data_loss_weight``, one student per value of ``--data-loss-weights``); ``--method`` / ``--trainer
 KEY=VALUE`` set any other method or trainer field for every student (e.g. ``vanilla_loss_weight=0``,
-``warmup_steps=100``). Without that term the loss sees
+``warmup_steps=100``, ``finetune_steps=0`` for distillation from the teacher as it is). Without that term the loss sees
 the curated images only through the noised states z_t (and not at all on the teacher-path half), and the
 captions only as conditioning. Every student is evaluated with DPM-Solver++ at 8 steps, and the teacher at 8
 and 20 steps (``TEACHER_STEPS``), guidance 7.5, on the same ``--prompts`` held-out toy prompts and seeds:
@@ -26,7 +26,7 @@ each student minus the teacher at 8 and at 20 steps, on the same resampled promp
 / ``stats``; attribute accuracy through ``sd_distill.toy.measures``), each called better / worse / within noise
 from its interval alone.
 
-``--smoke``: 48 source pairs, 4 training steps, 40 prompts (10 per style, the fewest that get intervals): checks
+``--smoke``: 48 source pairs, 4 fine-tune and 4 distillation steps, 40 prompts (10 per style, the fewest that get intervals): checks
 the wiring in about two minutes on an idle 2-core box; its numbers mean nothing.
 """
 
@@ -53,6 +53,7 @@ from flows.evaluate import evaluate  # noqa: E402
 from sd_distill.curate.config import CurateParams, SourceSpec  # noqa: E402
 from sd_distill.distill.config import DistillParams  # noqa: E402
 from sd_distill.evaluate.config import ModelSpec  # noqa: E402
+from sd_distill.toy.demo import DEMO_DISTILL, DEMO_TOY_N  # noqa: E402
 
 # variant label -> (description, curate parameter overrides on the demo's CurateParams)
 VARIANTS = {
@@ -80,11 +81,12 @@ def curate_params(variant: str, toy_n: int) -> CurateParams:
 
 def distill_params(steps: int, data_loss_weight: float, lr: float | None = None, method: dict | None = None,
                    trainer: dict | None = None) -> DistillParams:
-    """The demo's distill parameters with ``steps`` training steps, the data term's weight, (when given) ``lr``, and
-    any further ``method`` / ``trainer`` fields (``--method`` / ``--trainer KEY=VALUE``)."""
-    trainer = {"max_steps": steps, **({"lr": lr} if lr is not None else {}), **(trainer or {})}
-    return DistillParams.model_validate({"method": {"data_loss_weight": data_loss_weight, **(method or {})},
-                                         "trainer": trainer})
+    """The demo's distill parameters (``DEMO_DISTILL``) with ``steps`` training steps, the data term's weight, (when
+    given) ``lr``, and any further ``method`` / ``trainer`` fields (``--method`` / ``--trainer KEY=VALUE``)."""
+    base = DEMO_DISTILL.model_dump(exclude_unset=True)
+    trainer = {**base.get("trainer", {}), "max_steps": steps, **({"lr": lr} if lr is not None else {}), **(trainer or {})}
+    return DistillParams.model_validate({**base, "method": {**base.get("method", {}), "data_loss_weight": data_loss_weight,
+                                                            **(method or {})}, "trainer": trainer})
 
 
 def overrides(pairs: list[str]) -> dict:
@@ -223,12 +225,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default=os.environ.get("SD_DISTILL_STORE", "runs/store"), help="stage store root")
     ap.add_argument("--prompts", type=int, default=300, help="held-out toy prompts (default 300, the demo's)")
-    ap.add_argument("--steps", type=int, default=300, help="training steps per student (default 300; the demo: 600)")
-    ap.add_argument("--data-loss-weights", default="0.5",
-                    help="comma-separated method.data_loss_weight values, one student per variant each (default 0.5)")
+    ap.add_argument("--steps", type=int, default=DEMO_DISTILL.trainer.max_steps,
+                    help="distillation steps per student (default: the demo's)")
+    ap.add_argument("--data-loss-weights", default="0",
+                    help="comma-separated method.data_loss_weight values, one student per variant each (default 0)")
     ap.add_argument("--variants", default="a,b,c", help="comma-separated curated sets to train on (default a,b,c)")
     ap.add_argument("--lr", type=float, help="the students' learning rate (default: the demo's trainer.lr)")
-    ap.add_argument("--toy-n", type=int, default=200, help="generated source pairs (default 200, the demo's)")
+    ap.add_argument("--toy-n", type=int, default=DEMO_TOY_N, help=f"generated source pairs (default {DEMO_TOY_N}, the demo's)")
     ap.add_argument("--method", action="append", default=[], metavar="KEY=VALUE",
                     help="further method field for every student, e.g. vanilla_loss_weight=0 (repeatable)")
     ap.add_argument("--trainer", action="append", default=[], metavar="KEY=VALUE",
@@ -238,6 +241,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.toy_n, args.steps, args.prompts = 48, 4, 40
+        args.method = ["finetune_steps=4", *args.method]
     weights = [float(w) for w in args.data_loss_weights.split(",") if w.strip()]
     variants = [v for v in VARIANTS if v in args.variants.split(",")]
     if not variants:
@@ -250,7 +254,8 @@ def main() -> None:
     out = ablation_flow(args.toy_n, args.steps, weights, args.prompts, store, variants, args.lr, method, trainer)
     res = measure(out, store, weights)
     wall = time.time() - start
-    settings = (f"toy world, {args.toy_n} source pairs; student: toy:sd CFG-aware 16 -> 8, {args.steps} steps, "
+    settings = (f"toy world, {args.toy_n} source pairs; student: toy:sd (fine-tuned: "
+                f"{distill_params(args.steps, 0, None, method).method.finetune_steps} steps) CFG-aware 16 -> 8, {args.steps} steps, "
                 f"lr {args.lr if args.lr is not None else DistillParams().trainer.lr:g}, "
                 f"data_loss_weight {', '.join(f'{w:g}' for w in weights)}"
                 f"{''.join(f', {k} {v}' for k, v in {**method, **trainer}.items())}; evaluated with DPM-Solver++ 8 steps (teacher "

@@ -36,6 +36,7 @@ from sd_distill.evaluate.config import TOY_EVAL_PROMPTS, EvaluateParams, ModelSp
 from sd_distill.runfile import StageDeployments, load_run_file
 from sd_distill.store import Manifest
 from sd_distill.summary import run_summary
+from sd_distill.toy.demo import DEMO_CURATE, DEMO_DISTILL
 from tasks._artifacts import publish_markdown
 from tasks.distill import push_student_to_hub
 from tasks.evaluate import toy_world_measures
@@ -72,8 +73,8 @@ def run_stage(flow_fn, deployment: Optional[str], gpu: bool, **kwargs) -> Manife
 
 @flow(name="curate-and-distill", persist_result=True, log_prints=True)
 def curate_and_distill(
-    curate: CurateParams = CurateParams(),
-    distill: DistillParams = DistillParams(),
+    curate: CurateParams = DEMO_CURATE,
+    distill: DistillParams = DEMO_DISTILL,
     evaluate: Optional[EvaluateParams] = None,
     toy_eval_prompts: int = TOY_EVAL_PROMPTS,
     store_root: str = "",
@@ -82,6 +83,7 @@ def curate_and_distill(
     push_to_hub: HubParams = HubParams(),
 ) -> str:
     """curate -> distill -> evaluate; ``evaluate=None`` evaluates on ``toy_eval_prompts`` held-out toy prompts.
+    The defaults are the demo's (``sd_distill/toy/demo.py``); a run file or a deployment's parameters replace them.
 
     ``extra_students`` (name -> DistillParams, same teacher) distils more students from the same curated set, each
     its own cached distill stages (the latent cache is shared when the data settings match), all in one report.

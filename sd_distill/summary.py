@@ -90,6 +90,9 @@ def run_summary(curated, student, report, ui_url: str | None = None, toy: dict |
         if method:
             out.append(f"Method: `{method.get('kind')}`, teacher {method.get('teacher_steps')} -> student "
                        f"{method.get('student_steps')} steps; prediction type `{config.get('prediction_type')}`")
+            if method.get("finetune_steps"):
+                out.append(f"The teacher was first fine-tuned on the curated set ({method['finetune_steps']} steps, "
+                           "SD's objective) and the student distilled from the fine-tuned teacher")
     out += [""] + _counts_lines(student.counts) + [""]
     out += ["## Evaluate", f"Report: `{report.uri}` (table.md, table.csv, grids/, metrics_vs_steps.png)", ""]
     table = Path(report.uri) / "table.md"

@@ -1,6 +1,7 @@
 """Paired differences of the report (compare.py) and the verdicts the run summary prints, on synthetic replicates."""
 
 import csv
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -75,3 +76,20 @@ def test_report_writes_interval_columns_and_differences_and_the_summary_states_v
     text = run_summary(manifest, manifest, SimpleNamespace(uri=str(out), counts={}))
     assert "| teacher | teacher | 8 | dpmsolver++ |" in text and "| student | ddim | 8 | teacher |" in text
     assert "- student (ddim, 8 steps) vs teacher (dpmsolver++, 8 steps): worse on FID, CLIP" in text
+
+
+def test_summary_names_the_method_and_a_fine_tune_phase_from_the_students_config(tmp_path):
+    from sd_distill.summary import run_summary
+
+    student = tmp_path / "student"
+    student.mkdir()
+    config = {"prediction_type": "epsilon", "params": {"method": {"kind": "cfg_aware", "teacher_steps": 16,
+                                                                  "student_steps": 8, "finetune_steps": 700}}}
+    (student / "distill_config.json").write_text(json.dumps(config))
+    empty = SimpleNamespace(uri=str(tmp_path), counts={})
+    text = run_summary(empty, SimpleNamespace(uri=str(student), counts={}), empty)
+    assert "Method: `cfg_aware`, teacher 16 -> student 8 steps; prediction type `epsilon`" in text
+    assert "first fine-tuned on the curated set (700 steps" in text
+    config["params"]["method"]["finetune_steps"] = 0
+    (student / "distill_config.json").write_text(json.dumps(config))
+    assert "fine-tuned" not in run_summary(empty, SimpleNamespace(uri=str(student), counts={}), empty)

@@ -73,3 +73,22 @@ def test_extra_students_from_a_run_file_share_the_teacher_and_get_their_own_rows
     run.write_text("extra_students:\n  teacher: {}\n")
     with pytest.raises(ValueError, match="extra student name 'teacher'"):
         load_run_file(run)
+
+
+def test_the_demo_is_the_flows_defaults_and_fine_tunes_on_the_curated_set_first():
+    """The demo deployment passes no parameters, so the parent flow's defaults are the demo (sd_distill/toy/demo.py);
+    a run file's ``distill`` block replaces them whole (toy-quick.yaml: no fine-tune phase)."""
+    import inspect
+
+    from flows.curate_and_distill import curate_and_distill
+    from sd_distill.distill.methods import plan_phases
+    from sd_distill.toy.demo import DEMO_CURATE, DEMO_DISTILL, DEMO_TOY_N
+
+    deployments = yaml.safe_load((CONFIGS[0].parents[1] / "deploy" / "prefect.yaml").read_text())["deployments"]
+    assert next(d for d in deployments if d["name"] == "demo")["parameters"] == {}
+    defaults = inspect.signature(curate_and_distill.fn).parameters
+    assert defaults["curate"].default == DEMO_CURATE and defaults["distill"].default == DEMO_DISTILL
+    assert [s.toy_n for s in DEMO_CURATE.sources] == [DEMO_TOY_N]
+    assert [p.kind for p in plan_phases(DEMO_DISTILL.method)] == ["finetune", "cfg_aware"]
+    quick = load_run_file(CONFIGS[0].parent / "toy-quick.yaml")
+    assert [p.kind for p in plan_phases(quick["distill"].method)] == ["cfg_aware"]
