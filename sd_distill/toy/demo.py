@@ -15,13 +15,14 @@ from sd_distill.curate.config import CurateParams, SourceSpec
 from sd_distill.distill.config import DistillParams
 
 DEMO_TOY_N = 2000  # source pairs (1,400 kept by the filter): the curated set must hold enough scenes to learn from
-# 700 x 64 curated samples (32 epochs of the 1,400) at the toy teacher's own peak lr, about 3 CPU-minutes; measured:
-# 1,000 x 32 at 3e-4 left CLIP within noise of the teacher, 1,000 x 64 at 1e-3 and 3,000 x 32 at 3e-4 did not
-DEMO_FINETUNE = {"finetune_steps": 700, "finetune_lr": 1e-3, "finetune_batch_size": 64}
-# distillation steps after the fine-tune (200, about 1.5 CPU-minutes): the fine-tuned teacher already samples
-# well at 8 DPM-Solver++ steps; after 3,000 fine-tune steps, 20 and 600 distillation steps scored close (CLIP 60.0
-# vs 61.6, toy-HPS 61.0 vs 61.6, attribute accuracy 0.687 vs 0.698 on 300 prompts)
-DEMO_DISTILL_STEPS = 200
+# 1,000 x 64 curated samples (46 epochs of the 1,400) at the toy teacher's own peak lr, about 4.5 CPU-minutes.
+# Measured (docs/benchmarks.md): shorter fine-tunes (700 x 64 at 1e-3, 1,000 x 32 at 3e-4) left the student worse than
+# the teacher on toy-FID and within noise on CLIP; this one and 3,000 x 32 at 3e-4 did not
+DEMO_FINETUNE = {"finetune_steps": 1000, "finetune_lr": 1e-3, "finetune_batch_size": 64}
+# distillation steps after the fine-tune (100, under a CPU-minute): the fine-tuned teacher already samples well at 8
+# DPM-Solver++ steps; after 3,000 fine-tune steps, 20 and 600 distillation steps scored close (CLIP 60.0 vs 61.6,
+# toy-HPS 61.0 vs 61.6, attribute accuracy 0.687 vs 0.698 on 300 prompts)
+DEMO_DISTILL_STEPS = 100
 
 DEMO_CURATE = CurateParams(sources=[SourceSpec(kind="toy", toy_n=DEMO_TOY_N)])
 DEMO_DISTILL = DistillParams.model_validate({"method": DEMO_FINETUNE, "trainer": {"max_steps": DEMO_DISTILL_STEPS}})
