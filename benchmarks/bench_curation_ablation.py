@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/bench_curation_ablation.py [--store runs/store] [--prompts 300] [--steps 600] \
         [--data-loss-weights 0.5,0] [--json results.json] [--smoke]
 
-On the embedded toy world (the demo's sources, ``sd_distill/toy/demo.py``: one toy source of 2,000 generated pairs,
-a quarter of them planted bad), the curate flow runs three times; every variant keeps the download step's decode checks and de-duplication:
+On the embedded toy world (the demo's sources, ``sd_distill/toy/demo.py``: one toy source of 2,000 generated
+pairs, a quarter of them planted bad), the curate flow runs three times; every variant keeps the download step's
+decode checks and de-duplication:
 
 * (a) ``uncurated``: no HPS filter (``filter.top_fraction`` and ``filter.threshold`` unset: every decoded pair is
   kept) and no recaption (``caption.enabled: false``: the cleaned original captions);
@@ -13,10 +14,11 @@ a quarter of them planted bad), the curate flow runs three times; every variant 
 
 Each variant's steps are their own cached stages (download is shared, (b) and (c) share the score stage). The
 same student is distilled from each: the demo's distill parameters (``toy:sd`` fine-tuned on the curated set, then
-CFG-aware 16 -> 8 from the fine-tuned teacher, half the states on its path) with ``--steps`` distillation steps and a denoising data term on the curated latents
-(``method.data_loss_weight``, one student per value of ``--data-loss-weights``); ``--method`` / ``--trainer
-KEY=VALUE`` set any other method or trainer field for every student (e.g. ``vanilla_loss_weight=0``,
-``warmup_steps=100``, ``finetune_steps=0`` for distillation from the teacher as it is). Without that term the loss sees
+CFG-aware 16 -> 8 from the fine-tuned teacher, half the states on its path) with ``--steps`` distillation steps
+and a denoising data term on the curated latents (``method.data_loss_weight``, one student per value of
+``--data-loss-weights``); ``--method`` / ``--trainer KEY=VALUE`` set any other method or trainer field for every
+student (e.g. ``vanilla_loss_weight=0``, ``warmup_steps=100``, ``finetune_steps=0`` for distillation from the
+teacher as it is). Without the fine-tune and that term the loss sees
 the curated images only through the noised states z_t (and not at all on the teacher-path half), and the
 captions only as conditioning. Every student is evaluated with DPM-Solver++ at 8 steps, and the teacher at 8
 and 20 steps (``TEACHER_STEPS``), guidance 7.5, on the same ``--prompts`` held-out toy prompts and seeds:
@@ -26,8 +28,8 @@ each student minus the teacher at 8 and at 20 steps, on the same resampled promp
 / ``stats``; attribute accuracy through ``sd_distill.toy.measures``), each called better / worse / within noise
 from its interval alone.
 
-``--smoke``: 48 source pairs, 4 fine-tune and 4 distillation steps, 40 prompts (10 per style, the fewest that get intervals): checks
-the wiring in about two minutes on an idle 2-core box; its numbers mean nothing.
+``--smoke``: 48 source pairs, 4 fine-tune and 4 distillation steps, 40 prompts (10 per style, the fewest that get
+intervals): checks the wiring in about two minutes on an idle 2-core box; its numbers mean nothing.
 """
 
 from __future__ import annotations

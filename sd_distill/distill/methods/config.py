@@ -10,7 +10,8 @@ from typing import Literal, Optional, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MethodKind = Literal["cfg_aware", "w_conditioned", "progressive", "bksdm_kd"]  # registry.METHODS, checked at import
-PhaseKind = Literal["finetune", "cfg_aware", "w_stage1", "w_halving", "progressive", "bksdm_kd"]  # the registry's phase classes
+# the registry's phase classes
+PhaseKind = Literal["finetune", "cfg_aware", "w_stage1", "w_halving", "progressive", "bksdm_kd"]
 StudentArch = Literal["same", "bk-base", "bk-small", "bk-tiny"]
 METHOD_KINDS: tuple[str, ...] = get_args(MethodKind)
 PHASE_KINDS: tuple[str, ...] = get_args(PhaseKind)
