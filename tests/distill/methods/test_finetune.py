@@ -1,6 +1,6 @@
 """The fine-tune phase (``method.finetune_steps``): a copy of the teacher trained on SD's own objective on the curated
 set before step distillation. Its loss is pinned to diffusers' targets for every prediction type, its caption dropout
-to the negative prompt, its place in each method's plan, and the chain: the first distillation phase after it
+to the negative prompt (SDXL text conditioning included), its place in each method's plan, and the chain: the first distillation phase after it
 distils from the fine-tuned UNet and makes its (block-removed) student from it."""
 
 from __future__ import annotations
@@ -118,3 +118,23 @@ def test_distillation_after_a_finetune_learns_from_the_finetuned_unet(tiny_teach
 
     from_ft, from_original = (make_student(params.method, u, phases[1]) for u in (ft, original))
     assert distance(st, from_ft) < distance(st, from_original)
+
+
+def test_finetune_on_an_sdxl_teacher_drops_every_part_of_the_text_conditioning(sdxl_teachers):
+    """SDXL batches carry TextCond (hidden states, pooled embedding, time ids): caption dropout swaps all of them for
+    the negative prompt's, so fraction 1 equals fraction 0 on a batch whose captions are the negative prompt."""
+    from tests._fixtures_sdxl import sdxl_batch
+
+    teacher = sdxl_teachers("epsilon")
+    batch = sdxl_batch(teacher)
+    n = batch["latents"].shape[0]
+    dropped = dict(batch, prompt_embeds=batch["negative_embeds"].expand_as(batch["prompt_embeds"]),
+                   pooled_prompt_embeds=batch["negative_pooled_embeds"].expand(n, -1))
+
+    def loss(fraction: float, b: dict) -> float:
+        method = _method(MethodConfig(finetune_steps=5, data_uncond_fraction=fraction), teacher)
+        with torch.no_grad():
+            return float(method.loss(b, torch.Generator().manual_seed(5))[0])
+
+    assert loss(1.0, batch) == pytest.approx(loss(0.0, dropped), rel=1e-6)
+    assert abs(loss(1.0, batch) - loss(0.0, batch)) > 1e-7
