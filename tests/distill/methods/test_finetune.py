@@ -1,7 +1,7 @@
 """The fine-tune phase (``method.finetune_steps``): a copy of the teacher trained on SD's own objective on the curated
 set before step distillation. Its loss is pinned to diffusers' targets for every prediction type, its caption dropout
-to the negative prompt (SDXL text conditioning included), its place in each method's plan, and the chain: the first distillation phase after it
-distils from the fine-tuned UNet and makes its (block-removed) student from it."""
+to the negative prompt (SDXL text conditioning included), its place in each method's plan, and the chain: the first
+distillation phase after it distils from the fine-tuned UNet and makes its (block-removed) student from it."""
 
 from __future__ import annotations
 
