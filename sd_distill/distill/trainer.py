@@ -131,7 +131,9 @@ def train_phase(
     # 1. models: frozen teachers in the autocast dtype, the student in fp32 ----------------------------
     teacher = load_teacher(params.teacher, device="cpu", dtype=torch.float32)
     teacher_unet = load_unet(teacher_unet_ref) if teacher_unet_ref else teacher.unet
-    if student_init_ref and not phase.new_student:
+    if phase.new_student:  # made from this phase's teacher below, not loaded from the previous phase
+        student_init_ref = None
+    if student_init_ref:
         student = load_unet(student_init_ref)
     else:
         student = methods.make_student(params.method, teacher_unet, phase)
@@ -277,8 +279,7 @@ def train_phase(
         "checkpoint": str(last_ckpt),
         "unet": str(out_dir / "unet"),
         "teacher_unet": str(teacher_unet_ref) if teacher_unet_ref else None,  # None: the teacher pipeline's UNet
-        "student_init": str(student_init_ref) if student_init_ref and not phase.new_student else None,  # None: made
-        # from this phase's teacher (make_student)
+        "student_init": str(student_init_ref) if student_init_ref else None,  # None: made from this phase's teacher
         "ema": ema is not None,
         "prediction_type": getattr(teacher, "prediction_type", None),
         "time_cond_proj_dim": raw_student.config.get("time_cond_proj_dim"),

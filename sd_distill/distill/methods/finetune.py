@@ -46,8 +46,7 @@ class CuratedFinetune:
         alpha_t, sigma_t = (v.to(dtype) for v in self.schedule.alphas_sigmas(t, device=device))
         z_t = add_noise(x0, randn(x0.shape, generator, device, dtype), alpha_t, sigma_t)
         dropped = uniform(n, 0.0, 1.0, generator, device) < self.cfg.data_uncond_fraction
-        text = torch.where(dropped.view(-1, *([1] * (cond.dim() - 1))), uncond, cond) \
-            if isinstance(cond, Tensor) else torch.where(dropped, uncond, cond)
+        text = torch.where(dropped.view(-1, 1, 1), uncond, cond)  # [B, L, D] hidden states, or TextCond row-wise
         x_hat = to_x0(guided_prediction(self.student, z_t, t, text, None, 1.0, "cond"), z_t, alpha_t, sigma_t,
                       self.prediction_type)
         loss = data_loss(x_hat, x0, z_t, alpha_t, sigma_t, self.prediction_type)

@@ -17,6 +17,13 @@ from tests._fixtures_distill import tiny_params
 from tests._fixtures_methods import PREDICTION_TYPES, prompt_batch
 
 
+def _dropout_loss(teacher, fraction: float, batch: dict, seed: int) -> float:
+    """The fine-tune loss at caption-dropout ``fraction`` on ``batch``, with fixed draws."""
+    method = _method(MethodConfig(finetune_steps=5, data_uncond_fraction=fraction), teacher)
+    with torch.no_grad():
+        return float(method.loss(batch, torch.Generator().manual_seed(seed))[0])
+
+
 def _method(cfg, teacher):
     phase = plan_phases(cfg)[0]
     assert phase.kind == "finetune"
@@ -59,9 +66,7 @@ def test_finetune_caption_dropout_trains_the_negative_prompt(load_tiny_teacher, 
     dropped = dict(batch, prompt_embeds=batch["negative_embeds"].expand_as(batch["prompt_embeds"]))
 
     def loss(fraction: float, b: dict) -> float:
-        method = _method(MethodConfig(finetune_steps=5, data_uncond_fraction=fraction), teacher)
-        with torch.no_grad():
-            return float(method.loss(b, torch.Generator().manual_seed(3))[0])
+        return _dropout_loss(teacher, fraction, b, seed=3)
 
     assert loss(1.0, batch) == pytest.approx(loss(0.0, dropped), rel=1e-6)
     assert abs(loss(1.0, batch) - loss(0.0, batch)) > 1e-6
@@ -132,9 +137,7 @@ def test_finetune_on_an_sdxl_teacher_drops_every_part_of_the_text_conditioning(s
                    pooled_prompt_embeds=batch["negative_pooled_embeds"].expand(n, -1))
 
     def loss(fraction: float, b: dict) -> float:
-        method = _method(MethodConfig(finetune_steps=5, data_uncond_fraction=fraction), teacher)
-        with torch.no_grad():
-            return float(method.loss(b, torch.Generator().manual_seed(5))[0])
+        return _dropout_loss(teacher, fraction, b, seed=5)
 
     assert loss(1.0, batch) == pytest.approx(loss(0.0, dropped), rel=1e-6)
     assert abs(loss(1.0, batch) - loss(0.0, batch)) > 1e-7
