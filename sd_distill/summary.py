@@ -93,6 +93,9 @@ def run_summary(curated, student, report, ui_url: str | None = None, toy: dict |
             if method.get("finetune_steps"):
                 out.append(f"The teacher was first fine-tuned on the curated set ({method['finetune_steps']} steps, "
                            "SD's objective) and the student distilled from the fine-tuned teacher")
+            if method.get("kd_steps"):
+                out.append(f"The {method.get('student_arch')} block-removed UNet was first trained by BK-SDM's KD "
+                           f"({method['kd_steps']} steps) and then step-distilled")
     out += [""] + _counts_lines(student.counts) + [""]
     out += ["## Evaluate", f"Report: `{report.uri}` (table.md, table.csv, grids/, metrics_vs_steps.png)", ""]
     table = Path(report.uri) / "table.md"

@@ -178,10 +178,14 @@ def _data_section(data: Optional[Mapping[str, Any]]) -> list[str]:
 
 
 def _finetune_note(method: Mapping[str, Any]) -> str:
-    if not method.get("finetune_steps"):
-        return ""
-    return (f"; first the teacher was fine-tuned on the curated set for {method['finetune_steps']} steps (SD's "
-            "denoising objective with caption dropout) and the student distilled from the fine-tuned teacher")
+    note = ""
+    if method.get("finetune_steps"):
+        note += (f"; first the teacher was fine-tuned on the curated set for {method['finetune_steps']} steps (SD's "
+                 "denoising objective with caption dropout) and the student distilled from the fine-tuned teacher")
+    if method.get("kd_steps"):
+        note += (f"; the block-removed UNet was trained by BK-SDM's task + output + feature KD for {method['kd_steps']} "
+                 "steps before step distillation")
+    return note
 
 
 def _method_section(config: Mapping[str, Any]) -> list[str]:

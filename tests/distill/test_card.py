@@ -63,7 +63,7 @@ def test_card_parses_as_a_hub_model_card_with_every_section(tmp_path):
     assert f"{EVAL_START}\n{NOT_EVALUATED}\n{EVAL_END}" in text
 
 
-def test_card_says_when_the_teacher_was_fine_tuned_on_the_curated_set_first():
+def test_card_says_when_the_teacher_was_fine_tuned_and_the_light_unet_kd_trained_first():
     config = _config()
     assert "fine-tuned" not in model_card(config, data_summary(MANIFESTS))
     config["params"]["method"]["finetune_steps"] = 1000
@@ -71,6 +71,9 @@ def test_card_says_when_the_teacher_was_fine_tuned_on_the_curated_set_first():
                                           "student_steps": 16}, "steps": 1000, "final_loss": 0.05})
     text = model_card(config, data_summary(MANIFESTS))
     assert "fine-tuned on the curated set for 1000 steps" in text and "| finetune-1000 | finetune | 16 -> 16 | 1000 |" in text
+    assert "BK-SDM" not in text
+    config["params"]["method"].update(student_arch="bk-tiny", kd_steps=500)
+    assert "trained by BK-SDM's task + output + feature KD for 500 steps" in model_card(config, data_summary(MANIFESTS))
 
 
 def test_local_or_toy_teachers_have_no_base_model_and_license_comes_from_the_teacher_card(tmp_path):

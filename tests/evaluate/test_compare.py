@@ -90,6 +90,11 @@ def test_summary_names_the_method_and_a_fine_tune_phase_from_the_students_config
     text = run_summary(empty, SimpleNamespace(uri=str(student), counts={}), empty)
     assert "Method: `cfg_aware`, teacher 16 -> student 8 steps; prediction type `epsilon`" in text
     assert "first fine-tuned on the curated set (700 steps" in text
+    assert "BK-SDM" not in text
+    config["params"]["method"].update(student_arch="bk-tiny", kd_steps=500)
+    (student / "distill_config.json").write_text(json.dumps(config))
+    text = run_summary(empty, SimpleNamespace(uri=str(student), counts={}), empty)
+    assert "The bk-tiny block-removed UNet was first trained by BK-SDM's KD (500 steps)" in text
     config["params"]["method"]["finetune_steps"] = 0
     (student / "distill_config.json").write_text(json.dumps(config))
     assert "fine-tuned" not in run_summary(empty, SimpleNamespace(uri=str(student), counts={}), empty)

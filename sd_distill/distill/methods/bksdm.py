@@ -190,6 +190,17 @@ class BkSdmDistillation:
         return total, logs
 
 
+def kd_phases(cfg: MethodConfig, first_steps: int) -> list[PhaseSpec]:
+    """``[the KD phase]`` of a step method when ``cfg.kd_steps`` > 0, else ``[]``: the block-removed student trained
+    by this loss before step distillation. ``first_steps``: the step count the first step phase samples its teacher
+    at (the KD-trained light UNet is that teacher)."""
+    if not cfg.kd_steps:
+        return []
+    return [PhaseSpec(index=0, name=f"bksdm-kd-{cfg.student_arch}-{cfg.kd_steps}", teacher_steps=first_steps,
+                      student_steps=first_steps, kind="bksdm_kd", max_steps=cfg.kd_steps, lr=cfg.kd_lr,
+                      batch_size=cfg.kd_batch_size)]
+
+
 def plan(cfg: MethodConfig) -> list[PhaseSpec]:
     """One phase: architecture distillation at the teacher's own step count (teacher_steps = student_steps)."""
     return [PhaseSpec(index=0, name=f"bksdm-kd-{cfg.student_arch}", teacher_steps=cfg.student_steps,

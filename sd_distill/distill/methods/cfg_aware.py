@@ -35,8 +35,9 @@ from torch import Tensor
 
 from sd_distill.diffusion.math import add_noise, cfg_combine, to_x0, two_step_target
 from sd_distill.diffusion.sampling import guided_prediction
-from sd_distill.distill.methods.config import MethodConfig, PhaseSpec, training_schedule
-from sd_distill.distill.methods.finetune import after_finetune, finetune_phases
+from sd_distill.distill.methods.bksdm import kd_phases
+from sd_distill.distill.methods.config import MethodConfig, PhaseSpec, chain_phases, training_schedule
+from sd_distill.distill.methods.finetune import finetune_phases
 from sd_distill.distill.methods.common import (data_loss, randn, regression_loss, student_intervals,
                                                teacher_cfg_and_cond_endpoints, teacher_endpoint, teacher_trajectory_states,
                                                uniform, unpack_batch)
@@ -130,7 +131,8 @@ class CfgAwareDistillation:
 
 
 def plan(cfg: MethodConfig) -> list[PhaseSpec]:
-    """One phase, teacher_steps -> student_steps (after the fine-tune phase when ``finetune_steps`` > 0)."""
-    return after_finetune([PhaseSpec(index=0, name=f"cfg-aware-{cfg.teacher_steps}-{cfg.student_steps}",
-                                     teacher_steps=cfg.teacher_steps, student_steps=cfg.student_steps, kind="cfg_aware")],
-                          finetune_phases(cfg, cfg.teacher_steps))
+    """One phase, teacher_steps -> student_steps; first the fine-tune phase when ``finetune_steps`` > 0, then the
+    BK-SDM KD phase when ``kd_steps`` > 0."""
+    step = PhaseSpec(index=0, name=f"cfg-aware-{cfg.teacher_steps}-{cfg.student_steps}", teacher_steps=cfg.teacher_steps,
+                     student_steps=cfg.student_steps, kind="cfg_aware")
+    return chain_phases(finetune_phases(cfg, cfg.teacher_steps), kd_phases(cfg, cfg.teacher_steps), [step])

@@ -64,6 +64,12 @@ class MethodConfig(BaseModel):
     progressive_start_steps: int = Field(32, ge=2)  # w_conditioned/progressive: teacher steps of the first halving
     w_embed_dim: int = Field(256, ge=2)  # w_conditioned: UNet time_cond_proj_dim (guidance embedding width)
     student_arch: StudentArch = "same"  # student UNet (BK-SDM block removal)
+    kd_steps: int = Field(0, ge=0)  # cfg_aware / progressive with a block-removed student_arch: optimizer steps of a
+    # BK-SDM knowledge-distillation phase (task + output + feature KD, methods/bksdm.py) that trains the block-removed
+    # UNet against the (fine-tuned) teacher before step distillation; the step phases then distill that light model,
+    # as the reference distils BK-SDM-Tiny. 0: the first step phase block-removes the teacher and learns from it
+    kd_lr: Optional[float] = Field(None, gt=0)  # that phase's peak learning rate; None: trainer.lr
+    kd_batch_size: Optional[int] = Field(None, ge=1)  # that phase's micro-batch; None: trainer.batch_size
     kd_task_weight: float = Field(1.0, ge=0.0)  # bksdm_kd: denoising task loss weight (BK-SDM uses 1)
     kd_out_weight: float = Field(1.0, ge=0.0)  # bksdm_kd: output-level KD weight (BK-SDM uses 1)
     kd_feat_weight: float = Field(1.0, ge=0.0)  # bksdm_kd: feature-level KD weight (BK-SDM uses 1)
@@ -93,6 +99,11 @@ class MethodConfig(BaseModel):
         if self.finetune_steps and self.kind == "bksdm_kd":
             raise ValueError("finetune_steps is implemented for cfg_aware, progressive and w_conditioned; bksdm_kd has "
                              "its own denoising term (kd_task_weight)")
+        if self.kd_steps and (self.kind not in ("cfg_aware", "progressive") or self.student_arch == "same"):
+            raise ValueError(f"kd_steps (a BK-SDM KD phase before step distillation) needs kind cfg_aware or progressive "
+                             f"and a block-removed student_arch, got kind {self.kind!r}, student_arch "
+                             f"{self.student_arch!r}" + ("; bksdm_kd trains trainer.max_steps KD steps itself"
+                                                         if self.kind == "bksdm_kd" else ""))
         if self.kind == "bksdm_kd" and self.student_arch == "same":
             raise ValueError(f"bksdm_kd needs a block-removed student_arch; valid: {list(STUDENT_ARCHS[1:])}")
         if self.kind in ("w_conditioned", "progressive"):
@@ -118,7 +129,18 @@ class PhaseSpec(BaseModel):
     lr: Optional[float] = Field(None, gt=0)  # this phase's peak learning rate; None: trainer.lr
     batch_size: Optional[int] = Field(None, ge=1)  # this phase's micro-batch; None: trainer.batch_size
     new_student: bool = False  # the student is made from this phase's teacher (make_student) although an earlier
-    # phase exists: the first distillation phase after a fine-tune, whose teacher is the fine-tuned UNet
+    # phase exists: the phase after a fine-tune, whose teacher is the fine-tuned UNet
+
+
+def chain_phases(*groups: list[PhaseSpec]) -> list[PhaseSpec]:
+    """``groups`` (e.g. [fine-tune], [KD], [step phases]) as one plan: numbered in order, each phase the teacher and
+    initial student of the next, except that the phase after a ``finetune`` phase makes a new student from the
+    fine-tuned UNet (``new_student``) instead of starting from the fine-tuned teacher itself."""
+    out: list[PhaseSpec] = []
+    for phase in (p for group in groups for p in group):
+        new = bool(out) and out[-1].kind == "finetune"
+        out.append(phase.model_copy(update={"index": len(out), "new_student": new or phase.new_student}))
+    return out
 
 
 def training_schedule(cfg: MethodConfig, teacher_schedule):

@@ -63,13 +63,3 @@ def finetune_phases(cfg: MethodConfig, first_steps: int) -> list[PhaseSpec]:
     return [PhaseSpec(index=0, name=f"finetune-{cfg.finetune_steps}", teacher_steps=first_steps,
                       student_steps=first_steps, kind="finetune", max_steps=cfg.finetune_steps, lr=cfg.finetune_lr,
                       batch_size=cfg.finetune_batch_size)]
-
-
-def after_finetune(phases: list[PhaseSpec], finetune: list[PhaseSpec]) -> list[PhaseSpec]:
-    """The distillation phases renumbered after ``finetune``; the first of them makes its student from the
-    fine-tuned teacher (``new_student``) instead of loading the fine-tuned UNet as its initial student."""
-    if not finetune:
-        return phases
-    out = [p.model_copy(update={"index": p.index + len(finetune)}) for p in phases]
-    out[0] = out[0].model_copy(update={"new_student": True})
-    return [*finetune, *out]

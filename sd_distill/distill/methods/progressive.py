@@ -11,8 +11,9 @@ The loss of one halving is therefore :class:`CfgAwareDistillation` with k = 2.
 from __future__ import annotations
 
 from sd_distill.distill.methods.cfg_aware import CfgAwareDistillation
-from sd_distill.distill.methods.config import MethodConfig, PhaseSpec, halving_phases
-from sd_distill.distill.methods.finetune import after_finetune, finetune_phases
+from sd_distill.distill.methods.bksdm import kd_phases
+from sd_distill.distill.methods.config import MethodConfig, PhaseSpec, chain_phases, halving_phases
+from sd_distill.distill.methods.finetune import finetune_phases
 
 
 class ProgressiveDistillation(CfgAwareDistillation):
@@ -29,6 +30,7 @@ class ProgressiveDistillation(CfgAwareDistillation):
 
 
 def plan(cfg: MethodConfig) -> list[PhaseSpec]:
-    """Halvings only: progressive_start_steps -> ... -> student_steps (after the fine-tune phase when
-    ``finetune_steps`` > 0)."""
-    return after_finetune(halving_phases(cfg, "progressive"), finetune_phases(cfg, cfg.progressive_start_steps))
+    """Halvings only: progressive_start_steps -> ... -> student_steps; first the fine-tune phase when
+    ``finetune_steps`` > 0, then the BK-SDM KD phase when ``kd_steps`` > 0."""
+    start = cfg.progressive_start_steps
+    return chain_phases(finetune_phases(cfg, start), kd_phases(cfg, start), halving_phases(cfg, "progressive"))

@@ -39,15 +39,17 @@ class Method:
 
 # the optional first phase of cfg_aware / w_conditioned / progressive (method.finetune_steps > 0)
 FINETUNE = {"finetune": finetune.CuratedFinetune}
+# the optional BK-SDM KD phase of cfg_aware / progressive before step distillation (method.kd_steps > 0)
+KD = {"bksdm_kd": bksdm.BkSdmDistillation}
 
 METHODS: dict[str, Method] = {
-    "cfg_aware": Method(cfg_aware.__name__, {**FINETUNE, "cfg_aware": cfg_aware.CfgAwareDistillation}, cfg_aware.plan),
+    "cfg_aware": Method(cfg_aware.__name__, {**FINETUNE, **KD, "cfg_aware": cfg_aware.CfgAwareDistillation}, cfg_aware.plan),
     "w_conditioned": Method(w_conditioned.__name__, {**FINETUNE, "w_stage1": w_conditioned.WConditionedStage1,
                                                      "w_halving": w_conditioned.WConditionedHalving},
                             w_conditioned.plan),
-    "progressive": Method(progressive.__name__, {**FINETUNE, "progressive": progressive.ProgressiveDistillation},
+    "progressive": Method(progressive.__name__, {**FINETUNE, **KD, "progressive": progressive.ProgressiveDistillation},
                           progressive.plan),
-    "bksdm_kd": Method(bksdm.__name__, {"bksdm_kd": bksdm.BkSdmDistillation}, bksdm.plan),
+    "bksdm_kd": Method(bksdm.__name__, KD, bksdm.plan),
 }
 
 # phase kind -> the class that trains it
@@ -62,7 +64,9 @@ if set(PHASE_CLASSES) != set(PHASE_KINDS):
 def plan_phases(cfg: MethodConfig) -> list[PhaseSpec]:
     """The phases of ``cfg.kind``, in training order: the ``plan`` of its method's file.
 
-    * cfg_aware, w_conditioned, progressive: with ``finetune_steps`` > 0, first the fine-tune phase (``finetune``).
+    * cfg_aware, w_conditioned, progressive: with ``finetune_steps`` > 0, first the fine-tune phase (``finetune``);
+      cfg_aware, progressive with a block-removed ``student_arch`` and ``kd_steps`` > 0: then a BK-SDM KD phase
+      (``bksdm_kd``) whose light UNet the step phases distill.
     * cfg_aware: one phase, teacher_steps -> student_steps.
     * bksdm_kd: one phase (architecture distillation at the teacher's own step count = student_steps).
     * w_conditioned: stage 1 (match the CFG output at progressive_start_steps with a w-conditioned student),

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from sd_distill.diffusion.math import add_noise, to_x0, two_step_target
 from sd_distill.diffusion.sampling import guided_prediction
-from sd_distill.distill.methods.config import MethodConfig, PhaseSpec, halving_phases, training_schedule
-from sd_distill.distill.methods.finetune import after_finetune, finetune_phases
+from sd_distill.distill.methods.config import MethodConfig, PhaseSpec, chain_phases, halving_phases, training_schedule
+from sd_distill.distill.methods.finetune import finetune_phases
 from sd_distill.distill.methods.common import (data_loss, randn, regression_loss, student_intervals,
                                                teacher_endpoint, uniform, unpack_batch)
 
@@ -136,5 +136,5 @@ def plan(cfg: MethodConfig) -> list[PhaseSpec]:
     progressive_start_steps -> ... -> student_steps."""
     stage1 = PhaseSpec(index=0, name=f"w-stage1-{cfg.progressive_start_steps}", teacher_steps=cfg.progressive_start_steps,
                        student_steps=cfg.progressive_start_steps, kind="w_stage1", w_conditioned=True)
-    return after_finetune([stage1, *halving_phases(cfg, "w_halving", w_conditioned=True, first_index=1)],
-                          finetune_phases(cfg, cfg.progressive_start_steps))
+    return chain_phases(finetune_phases(cfg, cfg.progressive_start_steps),
+                        [stage1, *halving_phases(cfg, "w_halving", w_conditioned=True, first_index=1)])
