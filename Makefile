@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo demo-stop test test-fast bench toy-models clean
+.PHONY: install demo demo-light demo-stop test test-fast bench toy-models clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -30,6 +30,9 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	bash scripts/demo.sh
+
+demo-light: $(STAMP)
+	bash scripts/demo.sh demo-light
 
 demo-stop:
 	bash scripts/demo_stop.sh

@@ -14,7 +14,7 @@ from prefect import flow
 
 from flows._common import curated_manifest, quiet_library_environment, resolve_store_root
 from sd_distill.distill.config import DistillParams
-from sd_distill.distill.methods import plan_phases
+from sd_distill.distill.methods import phase_params, plan_phases
 from sd_distill.store import Manifest
 from tasks import distill as t
 
@@ -29,7 +29,7 @@ def distill(params: DistillParams = DistillParams(), curated: str = "latest", st
     phases = []
     for phase in plan_phases(params.method):
         previous = phases[-1:]  # a progressive chain: the previous phase's student teaches this one
-        phases.append(t.train_phase(params, [cache, *previous], root, suffix=phase.name))
+        phases.append(t.train_phase(phase_params(params, phase), [cache, *previous], root, suffix=phase.name))
     student = t.export_student(params, [shards, cache, *phases], root)
     t.publish_student(student)
     return student

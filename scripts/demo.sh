@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's run command (`make demo`): a local Prefect server, a process work pool, the deployments,
-# a worker, and one run of curate-and-distill/demo on the embedded toy world, followed in this terminal by
+# a worker, and one run of curate-and-distill/demo (or the deployment named as the first argument:
+# `make demo-light` runs curate-and-distill/demo-light) on the embedded toy world, followed in this terminal by
 # scripts/watch_run.py (every stage's progress lines, cache hits, training loss; exits non-zero if it failed).
 # `make demo-stop` stops the server and worker this started (by PID).
 set -euo pipefail
@@ -8,6 +9,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 STATE=$ROOT/.demo
 PORT=${DEMO_PORT:-4200}
+DEPLOYMENT=${1:-demo}
 mkdir -p "$STATE"
 export PATH=$ROOT/.venv/bin:$PATH
 export PREFECT_HOME=$STATE/prefect
@@ -42,9 +44,9 @@ if ! alive "$STATE/worker.pid"; then
   echo $! >"$STATE/worker.pid"
 fi
 
-echo "==> running curate-and-distill/demo (the same lines are in the Prefect UI; log: .demo/run.log)"
+echo "==> running curate-and-distill/$DEPLOYMENT (the same lines are in the Prefect UI; log: .demo/run.log)"
 start=$(date +%s)
-python scripts/watch_run.py curate-and-distill/demo | tee "$STATE/run.log"
+python scripts/watch_run.py "curate-and-distill/$DEPLOYMENT" | tee "$STATE/run.log"
 echo "==> finished in $(( $(date +%s) - start ))s"
 echo
 if [ -f "$SD_DISTILL_STORE/latest-summary.md" ]; then cat "$SD_DISTILL_STORE/latest-summary.md"; fi

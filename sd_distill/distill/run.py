@@ -21,7 +21,7 @@ from typing import Optional
 
 from sd_distill.distill.data import cache_index, cache_latents
 from sd_distill.distill.export import export_student
-from sd_distill.distill.methods import plan_phases
+from sd_distill.distill.methods import phase_params, plan_phases
 from sd_distill.distill.trainer import train_phase
 from sd_distill.progress import ProgressFn
 
@@ -45,7 +45,7 @@ def distill(params, curated_dir: str | Path, out_dir: str | Path, progress: Opti
     for phase in phases:
         phase_dir = out_dir / phase_folder_name(phase)
         # a progressive chain: the previous phase's student is this phase's teacher and initial student
-        summaries.append(train_phase(params, phase, cache_dir, phase_dir, teacher_unet_ref=previous,
+        summaries.append(train_phase(phase_params(params, phase), phase, cache_dir, phase_dir, teacher_unet_ref=previous,
                                      student_init_ref=previous, progress=progress, resume=resume))
         dirs.append(phase_dir)
         previous = phase_dir

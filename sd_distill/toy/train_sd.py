@@ -49,7 +49,7 @@ class ToySDConfig(BaseModel):
     weak_fraction: float = WEB_WEAK_FRACTION  # weak captions among the good pairs (the published rate)
     vae_blocks: tuple[int, ...] = (16, 32, 32)  # AutoencoderKL block widths (3 blocks: /4)
     unet_blocks: tuple[int, ...] = (32, 64, 64)  # UNet block widths at 8x8, 4x4, 2x2 latents
-    unet_layers_per_block: int = 1  # resnets per UNet block (SD uses 2; 1 halves the CPU time)
+    unet_layers_per_block: int = 2  # (resnet, attention) pairs per UNet down stage, as in SD (BK-SDM removal needs 2)
     vae_steps: int = 1000  # VAE optimizer steps
     vae_batch: int = 32  # VAE batch size
     vae_lr: float = 2e-3  # AdamW learning rate of the VAE

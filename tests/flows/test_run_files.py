@@ -92,3 +92,18 @@ def test_the_demo_is_the_flows_defaults_and_fine_tunes_on_the_curated_set_first(
     assert [p.kind for p in plan_phases(DEMO_DISTILL.method)] == ["finetune", "cfg_aware"]
     quick = load_run_file(CONFIGS[0].parent / "toy-quick.yaml")
     assert [p.kind for p in plan_phases(quick["distill"].method)] == ["cfg_aware"]
+
+
+def test_the_demo_light_deployment_adds_the_block_removed_student_of_demo_py():
+    """curate-and-distill/demo-light is the demo plus DEMO_LIGHT_STUDENTS: fine-tune, BK-SDM-Tiny KD, CFG-aware."""
+    from sd_distill.distill.config import DistillParams
+    from sd_distill.distill.methods import plan_phases
+    from sd_distill.toy.demo import DEMO_LIGHT_STUDENTS
+
+    deployments = yaml.safe_load((CONFIGS[0].parents[1] / "deploy" / "prefect.yaml").read_text())["deployments"]
+    light = next(d for d in deployments if d["name"] == "demo-light")
+    assert light["entrypoint"] == "flows/curate_and_distill.py:curate_and_distill"
+    assert light["parameters"] == {"extra_students": DEMO_LIGHT_STUDENTS}
+    (student,) = (DistillParams.model_validate(p) for p in DEMO_LIGHT_STUDENTS.values())
+    assert [p.kind for p in plan_phases(student.method)] == ["finetune", "bksdm_kd", "cfg_aware"]
+    assert student.method.student_arch == "bk-tiny"

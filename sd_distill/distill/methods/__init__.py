@@ -42,12 +42,22 @@ from __future__ import annotations
 from sd_distill.diffusion.sampling import ddim_sample
 from sd_distill.distill.methods.common import DistillMethod, check_compatible
 from sd_distill.distill.methods.config import METHOD_KINDS, MethodConfig, PhaseSpec
+from sd_distill.distill.methods.finetune import finetune_method
 from sd_distill.distill.methods.registry import METHODS, phase_class, plan_phases
 from sd_distill.distill.methods.students import make_student, with_w_conditioning
 from sd_distill.distill.textcond import accept_text_cond, is_sdxl_unet
 
 __all__ = ["DistillMethod", "MethodConfig", "PhaseSpec", "plan_phases", "make_student", "build_method",
-           "sample_student", "with_w_conditioning", "METHOD_KINDS", "METHODS"]
+           "sample_student", "with_w_conditioning", "phase_params", "METHOD_KINDS", "METHODS"]
+
+
+def phase_params(params, phase: PhaseSpec):
+    """The distill parameters ``phase`` is trained (and keyed in the store) with: for the fine-tune phase only the
+    method settings it reads (``finetune_method``), so students of one teacher that share a fine-tune recipe share
+    its stage; every other phase, ``params`` unchanged."""
+    if phase.kind != "finetune":
+        return params
+    return params.model_copy(update={"method": finetune_method(params.method)})
 
 
 def build_method(cfg: MethodConfig, phase: PhaseSpec, teacher, teacher_unet, student_unet) -> DistillMethod:

@@ -63,3 +63,14 @@ def finetune_phases(cfg: MethodConfig, first_steps: int) -> list[PhaseSpec]:
     return [PhaseSpec(index=0, name=f"finetune-{cfg.finetune_steps}", teacher_steps=first_steps,
                       student_steps=first_steps, kind="finetune", max_steps=cfg.finetune_steps, lr=cfg.finetune_lr,
                       batch_size=cfg.finetune_batch_size)]
+
+
+# the method settings the fine-tune phase reads (its place in the plan, its own length, lr, batch, caption dropout)
+FINETUNE_READS = ("kind", "teacher_steps", "student_steps", "progressive_start_steps", "finetune_steps", "finetune_lr",
+                  "finetune_batch_size", "data_uncond_fraction", "timestep_spacing")
+
+
+def finetune_method(cfg: MethodConfig) -> MethodConfig:
+    """``cfg`` with every setting the fine-tune phase does not read at its default, so students that differ only in
+    what follows the fine-tune (architecture, KD, distillation losses) share one fine-tune stage."""
+    return MethodConfig(**{k: getattr(cfg, k) for k in FINETUNE_READS})

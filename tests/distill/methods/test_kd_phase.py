@@ -70,3 +70,27 @@ def test_finetune_kd_and_cfg_aware_chain_distils_a_step_student_of_the_block_rem
     assert tuned.config.down_block_types == original.config.down_block_types
     assert student.config.layers_per_block == 1 and student.config.mid_block_type is None  # bk-small of the teacher
     assert json.loads((tmp_path / "run" / "phase-02-cfg-aware-4-2" / "phase.json").read_text())["phase"]["index"] == 2
+
+
+def test_students_that_differ_only_after_the_finetune_share_its_stage(tiny_teacher):
+    """The fine-tune phase is trained and keyed with only the settings it reads, so a BK student with KD and a data
+    term reuses the same-architecture student's fine-tune; a different fine-tune recipe does not."""
+    from sd_distill.distill.methods import phase_params
+    from sd_distill.store import stage_key
+
+    base = {"teacher_steps": 4, "student_steps": 2, "finetune_steps": 3, "finetune_lr": 1e-3}
+    same = tiny_params(tiny_teacher, method=base)
+    light = tiny_params(tiny_teacher, method={**base, "student_arch": "bk-small", "kd_steps": 2,
+                                              "data_loss_weight": 0.5})
+    other = tiny_params(tiny_teacher, method={**base, "finetune_lr": 3e-4})
+
+    def finetune_key(params):
+        phase = plan_phases(params.method)[0]
+        assert phase.kind == "finetune"
+        tuned = phase_params(params, phase)
+        assert plan_phases(tuned.method)[0] == phase  # the reduced settings plan the same fine-tune phase
+        return stage_key(f"distill/phase-{phase.name}", tuned, (), "1")
+
+    assert finetune_key(same) == finetune_key(light) != finetune_key(other)
+    kd = plan_phases(light.method)[1]
+    assert phase_params(light, kd) is light  # every other phase keeps its student's own settings
