@@ -5,6 +5,7 @@ shipped one: it prints the largest difference per file and exits 1 above ``--tol
 
 Models (folder names under ``sd_distill/toy/assets/`` by default):
   sd, sd-v    diffusers StableDiffusionPipeline folders (epsilon teacher; v-prediction fine-tune of it)
+  sd-lpb2     the sd recipe with two (resnet, attention) pairs per UNet down stage, as SD (BK-SDM removal needs it)
   classifier  the toy attribute classifier / feature extractor (config.json + model.safetensors)
   hps         an open_clip model folder (open_clip_config.json + open_clip_model.safetensors)
   blip        a transformers BlipForConditionalGeneration + BlipProcessor folder
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sd_distill.modelref import TOY_ASSETS  # noqa: E402
 
-MODELS = ("sd", "classifier", "hps", "blip")
+MODELS = ("sd", "sd-lpb2", "classifier", "hps", "blip")
 
 
 def log_progress(name: str):
@@ -52,6 +53,10 @@ def train(name: str, out: Path, device: str = "cpu") -> dict:
         from sd_distill.toy.train_sd import ToySDConfig, train_toy_sd
 
         return train_toy_sd(_fresh(out / "sd"), ToySDConfig(device=device), v_out_dir=_fresh(out / "sd-v"), progress=log_progress("toy:sd"))
+    if name == "sd-lpb2":
+        from sd_distill.toy.train_sd import ToySDLpb2Config, train_toy_sd
+
+        return train_toy_sd(_fresh(out / "sd-lpb2"), ToySDLpb2Config(device=device), progress=log_progress("toy:sd-lpb2"))
     if name == "classifier":
         from sd_distill.toy.train_classifier import train_toy_classifier
 

@@ -7,8 +7,9 @@ defaults. Everything not named here is the parameter models' own default (``Cura
   fine-tune is what lets the curated set lift the student past its teacher (a distillation loss only pulls the
   student towards its teacher); its length, learning rate and batch are the measured toy values
   (docs/benchmarks.md, "Fine-tuning on the curated set first").
-* ``DEMO_LIGHT_STUDENTS``: the second demo deployment's extra student, a block-removed (BK-SDM-Tiny) 8-step student
-  distilled from the same curated set and fine-tuned teacher, evaluated in the same report.
+* ``DEMO_LIGHT``: the second demo deployment's parameters: the same student on ``toy:sd-lpb2`` (SD's UNet layout)
+  and, from the same curated set and fine-tuned teacher, a block-removed (BK-SDM-Tiny) 8-step student, all in one
+  report.
 """
 
 from __future__ import annotations
@@ -26,13 +27,18 @@ DEMO_FINETUNE = {"finetune_steps": 1000, "finetune_lr": 1e-3, "finetune_batch_si
 # toy-HPS 61.0 vs 61.6, attribute accuracy 0.687 vs 0.698 on 300 prompts)
 DEMO_DISTILL_STEPS = 100
 
-# the light student (`make demo-light`, deployment curate-and-distill/demo-light): BK-SDM-Tiny block removal of the
-# fine-tuned teacher, trained by BK-SDM's KD, then CFG-aware 16 -> 8 from that light UNet (as the reference distils
-# BK-SDM-Tiny)
+# `make demo-light` (deployment curate-and-distill/demo-light): the same recipe on `toy:sd-lpb2` (SD's two (resnet,
+# attention) pairs per UNet down stage, which BK-SDM removal needs), plus a BK-SDM-Tiny student: block removal of
+# the fine-tuned teacher, BK-SDM's KD (1,000 x 64 at lr 1e-3, about 6 CPU-minutes), then CFG-aware 16 -> 8 from that
+# light UNet, as the reference distils BK-SDM-Tiny
+DEMO_LIGHT_TEACHER = "toy:sd-lpb2"
 DEMO_KD = {"student_arch": "bk-tiny", "kd_steps": 1000, "kd_lr": 1e-3, "kd_batch_size": 64}
 
 DEMO_CURATE = CurateParams(sources=[SourceSpec(kind="toy", toy_n=DEMO_TOY_N)])
 DEMO_DISTILL = DistillParams.model_validate({"method": DEMO_FINETUNE, "trainer": {"max_steps": DEMO_DISTILL_STEPS}})
-# the demo-light deployment's extra_students (deploy/prefect.yaml holds the same, as JSON)
-DEMO_LIGHT_STUDENTS = {"student-bk-tiny": {"method": {**DEMO_FINETUNE, **DEMO_KD},
-                                           "trainer": {"max_steps": DEMO_DISTILL_STEPS}}}
+# the demo-light deployment's parameters (deploy/prefect.yaml holds the same)
+DEMO_LIGHT = {
+    "distill": {"teacher": DEMO_LIGHT_TEACHER, "method": DEMO_FINETUNE, "trainer": {"max_steps": DEMO_DISTILL_STEPS}},
+    "extra_students": {"student-bk-tiny": {"teacher": DEMO_LIGHT_TEACHER, "method": {**DEMO_FINETUNE, **DEMO_KD},
+                                           "trainer": {"max_steps": DEMO_DISTILL_STEPS}}},
+}

@@ -119,24 +119,30 @@ def test_whole_dag_on_s3_store_and_s3_result_storage_then_cached_rerun(s3, prefe
     RemoteFileSystem(basepath="s3://cad/results", settings={"endpoint_url": s3, "key": "test", "secret": "test"}
                      ).save("cad-results", overwrite=True)
     params = dict(curate=CurateParams.model_validate({"sources": [{"kind": "toy", "toy_n": 32}]}),
-                  distill=DistillParams.model_validate({"trainer": {"max_steps": 4}}),
+                  distill=DistillParams.model_validate({"teacher": "toy:sd-lpb2", "method": {"finetune_steps": 2},
+                                                        "trainer": {"max_steps": 4}}),
                   toy_eval_prompts=4, store_root="s3://cad/dag",
-                  # a second student from the same curated set: its own phase and student stages, the cache shared
-                  extra_students={"student-lr": DistillParams.model_validate({"trainer": {"max_steps": 4, "lr": 1e-5}})})
+                  # a second student from the same curated set, block-removed: its own KD, step and student stages,
+                  # the latent cache and the fine-tune phase shared
+                  extra_students={"student-bk": DistillParams.model_validate(
+                      {"teacher": "toy:sd-lpb2", "method": {"finetune_steps": 2, "student_arch": "bk-tiny", "kd_steps": 2},
+                       "trainer": {"max_steps": 4}})})
     with temporary_settings({PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK: "remote-file-system/cad-results"}):
         summary = curate_and_distill(**params)
         fs = _bucket()
         manifests = sorted(fs.glob("cad/dag/**/manifest.json"))
         stages = {"/".join(p.split("/")[2:-1][:-1]) for p in manifests}
         assert {"curate/sources", "curate/download", "curate/score", "curate/caption", "curate/shards",
-                "distill/cache", "distill/phase-cfg-aware-16-8", "distill/student", "evaluate/toy-prompts",
+                "distill/cache", "distill/phase-finetune-2", "distill/phase-bksdm-kd-bk-tiny-2",
+                "distill/phase-cfg-aware-16-8", "distill/student", "evaluate/toy-prompts",
                 "evaluate/model-teacher", "evaluate/model-student", "evaluate/model-student-ddim",
-                "evaluate/report", "evaluate/model-student-lr", "evaluate/model-student-lr-ddim"} <= stages, stages
+                "evaluate/report", "evaluate/model-student-bk", "evaluate/model-student-bk-ddim"} <= stages, stages
         def count(stage):
             return sum(p.split("/")[2:-2] == stage.split("/") for p in manifests)
 
-        assert (count("distill/cache"), count("distill/phase-cfg-aware-16-8"), count("distill/student")) == (1, 2, 2)
-        assert "| student-lr |" in summary
+        assert (count("distill/cache"), count("distill/phase-finetune-2"), count("distill/phase-cfg-aware-16-8"),
+                count("distill/student")) == (1, 1, 2, 2)
+        assert "| student-bk |" in summary
         assert "s3://cad/dag/distill/student/" in summary and "Toy world" in summary
         assert fs.cat("cad/dag/latest-summary.md").decode() == summary
         assert fs.ls("cad/results"), "Prefect results were not written to the S3 block"

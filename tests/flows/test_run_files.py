@@ -94,16 +94,29 @@ def test_the_demo_is_the_flows_defaults_and_fine_tunes_on_the_curated_set_first(
     assert [p.kind for p in plan_phases(quick["distill"].method)] == ["cfg_aware"]
 
 
-def test_the_demo_light_deployment_adds_the_block_removed_student_of_demo_py():
-    """curate-and-distill/demo-light is the demo plus DEMO_LIGHT_STUDENTS: fine-tune, BK-SDM-Tiny KD, CFG-aware."""
-    from sd_distill.distill.config import DistillParams
+def test_the_demo_light_deployment_is_demo_py_on_the_sd_layout_teacher_with_a_block_removed_student():
+    """curate-and-distill/demo-light is DEMO_LIGHT: the demo's student on toy:sd-lpb2, and a BK-SDM-Tiny student
+    (fine-tune, KD, CFG-aware) whose UNet needs at least 40% fewer MACs per evaluation."""
+    from sd_distill.distill.config import DistillParams, check_extra_students
     from sd_distill.distill.methods import plan_phases
-    from sd_distill.toy.demo import DEMO_LIGHT_STUDENTS
+    from sd_distill.distill.methods.bksdm import block_removed_unet
+    from sd_distill.evaluate.speed import unet_macs_per_eval
+    from sd_distill.modelref import resolve_model_ref
+    from sd_distill.toy.demo import DEMO_DISTILL, DEMO_LIGHT, DEMO_LIGHT_TEACHER
 
     deployments = yaml.safe_load((CONFIGS[0].parents[1] / "deploy" / "prefect.yaml").read_text())["deployments"]
     light = next(d for d in deployments if d["name"] == "demo-light")
     assert light["entrypoint"] == "flows/curate_and_distill.py:curate_and_distill"
-    assert light["parameters"] == {"extra_students": DEMO_LIGHT_STUDENTS}
-    (student,) = (DistillParams.model_validate(p) for p in DEMO_LIGHT_STUDENTS.values())
-    assert [p.kind for p in plan_phases(student.method)] == ["finetune", "bksdm_kd", "cfg_aware"]
-    assert student.method.student_arch == "bk-tiny"
+    assert light["parameters"] == DEMO_LIGHT
+    main = DistillParams.model_validate(DEMO_LIGHT["distill"])
+    (bk,) = (DistillParams.model_validate(p) for p in DEMO_LIGHT["extra_students"].values())
+    check_extra_students(main, {"student-bk-tiny": bk})
+    assert main.model_copy(update={"teacher": DEMO_DISTILL.teacher}) == DEMO_DISTILL  # the demo's recipe
+    assert [p.kind for p in plan_phases(bk.method)] == ["finetune", "bksdm_kd", "cfg_aware"]
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_model_ref(DEMO_LIGHT_TEACHER), local_files_only=True)
+    teacher_macs = unet_macs_per_eval(pipe, 32)
+    pipe.unet = block_removed_unet(pipe.unet, bk.method.student_arch)
+    assert unet_macs_per_eval(pipe, 32) <= 0.6 * teacher_macs  # measured 42.7% fewer

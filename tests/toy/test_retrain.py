@@ -33,6 +33,7 @@ def _script():
     "name, config",
     [
         ("sd", "sd_distill.toy.train_sd:ToySDConfig"),
+        ("sd-lpb2", "sd_distill.toy.train_sd:ToySDLpb2Config"),
         ("classifier", "sd_distill.toy.train_classifier:ToyClassifierConfig"),
         ("hps", "sd_distill.toy.train_hps:ToyHPSConfig"),
         ("blip", "sd_distill.toy.train_blip:ToyBlipConfig"),
@@ -47,7 +48,7 @@ def test_shipped_models_were_trained_with_the_current_default_recipe(name, confi
 
 def test_shipped_asset_folders_are_small():
     total = sum(p.stat().st_size for p in TOY_ASSETS.rglob("*") if p.is_file())
-    assert total < 15 * 2**20, f"toy assets grew to {total / 2**20:.1f} MiB"
+    assert total < 20 * 2**20, f"toy assets grew to {total / 2**20:.1f} MiB"
 
 
 def test_classifier_training_is_bitwise_deterministic_on_cpu(tmp_path):
