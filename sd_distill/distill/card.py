@@ -177,7 +177,7 @@ def _data_section(data: Optional[Mapping[str, Any]]) -> list[str]:
     return out + [""]
 
 
-def _finetune_note(method: Mapping[str, Any]) -> str:
+def _first_phases_note(method: Mapping[str, Any]) -> str:
     note = ""
     if method.get("finetune_steps"):
         note += (f"; first the teacher was fine-tuned on the curated set for {method['finetune_steps']} steps (SD's "
@@ -195,7 +195,7 @@ def _method_section(config: Mapping[str, Any]) -> list[str]:
            f"`{method.get('kind')}` distillation of `{config.get('teacher')}`: {method.get('teacher_steps')} teacher steps "
            f"-> {config.get('student_steps')} student steps, student architecture `{config.get('student_arch')}`"
            f"{', w-conditioned (guidance embedding of w = s - 1)' if config.get('w_conditioned') else ''}"
-           f"{_finetune_note(method)}.", "",
+           f"{_first_phases_note(method)}.", "",
            "| phase | kind | teacher -> student steps | optimizer steps | final loss |", "|---|---|---|---|---|"]
     for p in config.get("phases", []):
         info, loss, steps = p.get("phase", {}), p.get("final_loss"), p.get("steps")  # a phase.json

@@ -36,9 +36,12 @@ DEMO_KD = {"student_arch": "bk-tiny", "kd_steps": 1000, "kd_lr": 1e-3, "kd_batch
 
 DEMO_CURATE = CurateParams(sources=[SourceSpec(kind="toy", toy_n=DEMO_TOY_N)])
 DEMO_DISTILL = DistillParams.model_validate({"method": DEMO_FINETUNE, "trainer": {"max_steps": DEMO_DISTILL_STEPS}})
+
+
+def _light_student(method: dict) -> dict:
+    return {"teacher": DEMO_LIGHT_TEACHER, "method": method, "trainer": {"max_steps": DEMO_DISTILL_STEPS}}
+
+
 # the demo-light deployment's parameters (deploy/prefect.yaml holds the same)
-DEMO_LIGHT = {
-    "distill": {"teacher": DEMO_LIGHT_TEACHER, "method": DEMO_FINETUNE, "trainer": {"max_steps": DEMO_DISTILL_STEPS}},
-    "extra_students": {"student-bk-tiny": {"teacher": DEMO_LIGHT_TEACHER, "method": {**DEMO_FINETUNE, **DEMO_KD},
-                                           "trainer": {"max_steps": DEMO_DISTILL_STEPS}}},
-}
+DEMO_LIGHT = {"distill": _light_student(DEMO_FINETUNE),
+              "extra_students": {"student-bk-tiny": _light_student({**DEMO_FINETUNE, **DEMO_KD})}}
